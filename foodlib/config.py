@@ -1,0 +1,272 @@
+"""One configuration tree for every run: dataclasses, YAML load/save and validation.
+
+Every leaf name is unique across the tree, so the same names serve as notebook parameters, CLI
+flags (``image_size`` <-> ``--image-size``) and flat overrides:
+
+>>> cfg = Config.from_flat(data="dishes", loss="center", lam=0.01, epochs=3)
+>>> cfg.loss.lam, cfg.train.epochs
+(0.01, 3)
+>>> Config.from_yaml(cfg.to_yaml()) == cfg
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclass
+class DataConfig:
+    data: str = "dishes"  # ImageFolder root | "food101:ROOT" | "dishes" | "digits"
+    image_size: int = 64  # side of the square crop the network sees, px (ResNets: 64-224)
+    val_fraction: float = 0.1  # stratified val split carved from train when the data has no val/
+    split_seed: int = 0  # seed of that split; independent of the training seed
+    limit_per_class: int | None = None  # use at most this many train images per class (quick runs)
+    cache: bool = True  # decode + resize each image once into a memory-mapped uint8 cache
+    cache_dir: str | None = None  # default: $FOODLIB_CACHE or ~/.cache/foodlib
+    bad_files: str = "skip"  # skip (and list in the run folder) | fail
+    dishes_classes: int = 10  # embedded dishes: number of classes
+    dishes_per_class: int = 300  # embedded dishes: train images per class (test gets a third)
+    intra: float | None = None  # embedded dishes: intra-class variation 0..1 (None: generator default)
+    inter: float | None = None  # embedded dishes: how different the recipes are 0..1 (None: default)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # see foodlib.list_models(): resnet18/34/50, smallcnn, timm/<name>
+    embedding_dim: int | None = None  # None: the backbone's own width (512 for resnet18); 2 for paper plots
+    pretrained: str | bool = False  # False | True (download weights) | path to a local weights file
+
+
+@dataclass
+class LossConfig:
+    loss: str = "softmax"  # softmax | center | lgm | island
+    lam: float | None = None  # weight of the center / likelihood term (None: the loss's default)
+    alpha: float | None = None  # center update rate (center, island) or L-GM margin (None: default)
+    update: str = "paper"  # center update: paper (Algorithm 1, rate alpha) | sgd (own learning rate)
+    center_lr: float = 0.5  # learning rate of the centers when update="sgd" (SGD, not scaled by lam)
+    covariance: str = "identity"  # L-GM covariance: identity | diagonal
+    lam_island: float | None = None  # island loss: weight of the center-separation term
+    alpha_warmup_epochs: int = 0  # L-GM: ramp the margin from 0.1*alpha to alpha over this many epochs
+    lam_warmup_epochs: int = 0  # ramp lam linearly from 0 over this many epochs (0: no warm-up)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # sgd | adamw | adagrad (the earlier attempt: adagrad, lr 1e-3)
+    lr: float = 2e-3  # peak learning rate of the network (typical: sgd 0.1, adamw 1e-3..3e-3)
+    weight_decay: float = 5e-4  # L2 / decoupled weight decay of the network parameters
+    momentum: float = 0.9  # SGD momentum
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0  # linear LR warm-up, in epochs (fractions allowed)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 64  # images per optimizer step (global, across all processes)
+    seed: int = 0  # seeds weights, shuffling and augmentation; the same seed gives the same run
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 where supported, fp16 on older GPUs, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on GPU and recent CPUs
+    compile: bool = False  # torch.compile the model (slow start, faster steps on long GPU runs)
+    augment: str = "standard"  # none | flip | standard (random resized crop + flip) | strong (+ colour)
+    workers: int = 2  # threads that gather batches from the cache / decode images
+    out: str = "runs/default"  # run folder
+    resume: bool = False  # continue the run in `out` from last.pt
+    quiet: bool = False  # no progress bars (batch runs)
+    eval_test: bool = True  # evaluate the test split from the best checkpoint at the end
+    features: bool = True  # extract embeddings + logits for every split into features.npz
+    figures: bool = True  # write figures (UMAP, curves, confusion) to the run's figures/
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ----- flat view: every leaf by its unique name -------------------------------------------
+    @classmethod
+    def field_index(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """Map each leaf name to (section name, dataclass field)."""
+        index = {}
+        for section in dataclasses.fields(cls):
+            for leaf in dataclasses.fields(_section_types()[section.name]):
+                index[leaf.name] = (section.name, leaf)
+        return index
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> "Config":
+        """Build a validated config from leaf names (notebook parameters, CLI flags)."""
+        return cls().with_overrides(**values)
+
+    def with_overrides(self, **values: Any) -> "Config":
+        """A copy with the given leaves replaced (unknown names raise a ConfigError), validated."""
+        index = self.field_index()
+        sections = {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)}
+        for name, value in values.items():
+            if name not in index:
+                raise ConfigError(_unknown("config field", name, index))
+            section, leaf = index[name]
+            sections[section][name] = _coerce(name, value, leaf)
+        cfg = Config(**{name: _section_types()[name](**vals) for name, vals in sections.items()})
+        cfg.validate()
+        return cfg
+
+    def to_flat(self) -> dict[str, Any]:
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+    # ----- YAML ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from foodlib.io import atomic_write_text  # local import: io depends on nothing here
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Accept the nested form (as saved) or a flat mapping of leaf names."""
+        data = dict(data or {})
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _section_types() and isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        return cls.from_flat(**flat)
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> "Config":
+        """Load from a YAML file path or a YAML string."""
+        text = str(text_or_path)
+        if "\n" not in text and Path(text).suffix in {".yaml", ".yml"}:
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            text = path.read_text()
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    # ----- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the field, the value and the valid choices."""
+        for name, allowed in _CHOICES.items():
+            value = self.get(name)
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not valid; choose one of {sorted(allowed)}")
+        for name, low, high in _RANGES:
+            value = self.get(name)
+            if value is None:
+                continue
+            if not (low <= value <= high):
+                raise ConfigError(f"{name}={value!r} is out of range; it must lie in [{low}, {high}]")
+        if self.loss.loss in ("center", "island") and self.loss.alpha is not None and not 0 < self.loss.alpha <= 1:
+            raise ConfigError(
+                f"alpha={self.loss.alpha!r} is the center update rate of the {self.loss.loss} loss and must lie in (0, 1]"
+            )
+        if self.model.embedding_dim is not None and self.model.embedding_dim < 2:
+            raise ConfigError(f"embedding_dim={self.model.embedding_dim!r} must be >= 2 (or None for the backbone's width)")
+
+    def get(self, name: str) -> Any:
+        section, _ = self.field_index()[name]
+        return getattr(getattr(self, section), name)
+
+
+_CHOICES = {
+    "bad_files": {"skip", "fail"},
+    "update": {"paper", "sgd"},
+    "covariance": {"identity", "diagonal"},
+    "optimizer": {"sgd", "adamw", "adagrad"},
+    "schedule": {"cosine", "step", "constant"},
+    "amp": {"auto", "bf16", "fp16", "off"},
+    "augment": {"none", "flip", "standard", "strong"},
+}
+_RANGES = [  # (field, low, high), inclusive
+    ("image_size", 8, 4096),
+    ("val_fraction", 0.0, 0.9),
+    ("limit_per_class", 1, 10**9),
+    ("dishes_classes", 2, 1000),
+    ("dishes_per_class", 1, 10**6),
+    ("intra", 0.0, 1.0),
+    ("inter", 0.0, 1.0),
+    ("lam", 0.0, float("inf")),
+    ("alpha", 0.0, float("inf")),
+    ("center_lr", 0.0, float("inf")),
+    ("lam_island", 0.0, float("inf")),
+    ("alpha_warmup_epochs", 0, 10**6),
+    ("lam_warmup_epochs", 0, 10**6),
+    ("lr", 0.0, float("inf")),
+    ("weight_decay", 0.0, float("inf")),
+    ("momentum", 0.0, 1.0),
+    ("warmup_epochs", 0.0, 10**6),
+    ("epochs", 1, 10**6),
+    ("batch_size", 1, 10**6),
+    ("workers", 0, 256),
+]
+
+
+def _section_types() -> dict[str, type]:
+    return {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _unknown(what: str, name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid names: {', '.join(sorted(valid))}"
+    return f"unknown {what} {name!r}{hint}"
+
+
+def _coerce(name: str, value: Any, leaf: dataclasses.Field) -> Any:
+    """Convert strings from CLI / YAML / papermill to the field's type, with a clear error."""
+    hint = leaf.type if isinstance(leaf.type, str) else getattr(leaf.type, "__name__", str(leaf.type))
+    types = [t.strip() for t in hint.split("|")]
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and "None" in types):
+        if "None" in types:
+            return None
+        raise ConfigError(f"{name} must not be None (type {hint})")
+    try:
+        if "bool" in types and "str" in types:  # pretrained: a flag or a path
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).lower()
+            return {"true": True, "false": False}.get(lowered, str(value))
+        if "bool" in types:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).lower()
+            if lowered in {"true", "1", "yes", "on"}:
+                return True
+            if lowered in {"false", "0", "no", "off"}:
+                return False
+            raise ValueError
+        if "int" in types:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if "float" in types:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if "str" in types:
+            if not isinstance(value, (str, Path)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {hint}") from None
+    return value
+

@@ -1,0 +1,165 @@
+"""Datasets: from a data spec to ready batch loaders.
+
+``load_data(cfg)`` resolves the spec (an ImageFolder root, ``food101:ROOT``, or the embedded
+``dishes`` / ``digits``), indexes it, carves a stratified val split when there is none, decodes
+every image once into the cache, drops (and lists) unreadable files, and returns the splits.
+
+>>> data = load_data(Config.from_flat(data="dishes", image_size=64))   # doctest: +SKIP
+>>> data.index.summary()                                               # doctest: +SKIP
+'10 classes; train 2700, val 300, test 1000'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from foodlib.data.augment import cache_side
+from foodlib.data.cache import BatchLoader, DecodedImages, ImageSource, build_cache, default_cache_dir
+from foodlib.data.folders import ClassMismatchError, DatasetIndex, Split, carve_val, index_image_folder, limit_per_class
+from foodlib.data.food101 import index_food101, is_food101_root
+
+__all__ = [
+    "BadFilesError", "BatchLoader", "ClassMismatchError", "Data", "DatasetIndex", "ImageSource", "Split",
+    "load_data", "resolve_data_root", "index_dataset",
+]
+
+
+class BadFilesError(ValueError):
+    """Unreadable files were found and ``bad_files="fail"`` was asked for."""
+
+
+@dataclass
+class Data:
+    """An indexed dataset with its decoded images: ``sources[split]`` gives uint8 batches."""
+
+    index: DatasetIndex
+    side: int  # stored square side; the network sees a crop of cfg.image_size
+    sources: dict[str, ImageSource] = field(default_factory=dict)
+    bad_files: dict[str, str] = field(default_factory=dict)  # path -> reason, dropped
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.index.splits[split].labels
+
+    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, **kw) -> BatchLoader:
+        """A :class:`BatchLoader` over one split (``drop_last`` follows ``shuffle`` unless given)."""
+        kw.setdefault("drop_last", shuffle)
+        return BatchLoader(self.sources[split], self.labels(split), batch_size, shuffle, seed, **kw)
+
+
+def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
+    """Turn a data spec into (kind, root). Embedded datasets are generated on first use (offline)."""
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg is not None and cfg.data.cache_dir else default_cache_dir()
+    if spec == "dishes":
+        from foodlib.data.dishes import DishesSpec, write_dishes
+
+        kw = {}
+        if cfg is not None:
+            kw = dict(num_classes=cfg.data.dishes_classes, train_per_class=cfg.data.dishes_per_class,
+                      test_per_class=max(1, cfg.data.dishes_per_class // 3))
+            kw.update({k: getattr(cfg.data, k) for k in ("intra", "inter") if getattr(cfg.data, k) is not None})
+        spec_obj = DishesSpec(**kw)
+        return "imagefolder", Path(write_dishes(cache_dir / f"dishes-{_spec_hash(spec_obj)}", spec_obj, progress=False))
+    if spec == "digits":
+        from foodlib.data.digits import write_digits
+
+        return "imagefolder", Path(write_digits(cache_dir / "digits"))
+    if spec.startswith("food101:"):
+        return "food101", Path(spec.split(":", 1)[1]).expanduser()
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"data={spec!r}: no such folder. Pass an ImageFolder root (train/<class>/...), "
+            "food101:ROOT, or one of the embedded datasets 'dishes', 'digits'."
+        )
+    return ("food101" if is_food101_root(root) else "imagefolder"), root
+
+
+def _spec_hash(spec) -> str:
+    import dataclasses
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def index_dataset(cfg) -> DatasetIndex:
+    """Index the configured data, limit train per class, and carve val (deterministic in split_seed)."""
+    kind, root = resolve_data_root(cfg.data.data, cfg)
+    index = index_food101(root) if kind == "food101" else index_image_folder(root)
+    if cfg.data.limit_per_class:
+        splits = dict(index.splits)
+        splits["train"] = limit_per_class(splits["train"], cfg.data.limit_per_class, cfg.data.split_seed)
+        index = DatasetIndex(index.root, index.classes, splits)
+    return carve_val(index, cfg.data.val_fraction, cfg.data.split_seed)
+
+
+def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> Data:
+    """Index, decode (once, cached) and check the configured data; list skipped files in ``run_dir``.
+
+    Raises:
+        BadFilesError: unreadable files with ``bad_files="fail"`` (the message lists them).
+    """
+    index = index_dataset(cfg)
+    side = cache_side(cfg.data.image_size)
+    all_paths = sorted({p for split in index.splits.values() for p in split.paths})
+    if cfg.data.cache:
+        decoded = build_cache(all_paths, side, cfg.data.cache_dir, progress=progress)
+        errors = dict(decoded.errors)
+    else:
+        decoded = None
+        errors = _decode_check(all_paths, cfg, progress)
+
+    if errors and cfg.data.bad_files == "fail":
+        listing = "\n".join(f"  {p}: {why}" for p, why in sorted(errors.items()))
+        raise BadFilesError(
+            f"{len(errors)} unreadable image file(s):\n{listing}\n"
+            "Fix or remove them, or set bad_files='skip' to train without them."
+        )
+    if errors:
+        index = index.drop(set(errors))
+    if run_dir is not None:
+        _write_run_files(Path(run_dir), index, errors)
+
+    rows = {p: i for i, p in enumerate(all_paths)}
+    sources = {}
+    for name, split in index.splits.items():
+        split_rows = np.asarray([rows[p] for p in split.paths], dtype=np.int64)
+        sources[name] = ImageSource(split.paths, side, decoded, split_rows if decoded is not None else None)
+    return Data(index, side, sources, errors)
+
+
+def _decode_check(paths: list[str], cfg, progress: bool) -> dict[str, str]:
+    """Without the cache, find unreadable files up front with the (cached) scan, not at epoch 17."""
+    from foodlib.data.scan import scan_cached
+
+    kind, root = resolve_data_root(cfg.data.data, cfg)
+    report = scan_cached(root, cfg.data.cache_dir or default_cache_dir(), progress=progress)
+    wanted = set(paths)
+    return {p: why for p, why in _report_errors(report).items() if p in wanted}
+
+
+def _report_errors(report) -> dict[str, str]:
+    errors = {}
+    for problem in report.problems:
+        if problem.severity == "error" and problem.path:
+            errors[str(problem.path)] = f"{problem.kind}: {problem.detail}"
+    return errors
+
+
+def _write_run_files(run_dir: Path, index: DatasetIndex, errors: dict[str, str]) -> None:
+    from foodlib.io import atomic_write_json, atomic_write_text
+
+    index.write_split_files(run_dir)
+    atomic_write_json(run_dir / "classes.json", index.classes)
+    if errors:
+        atomic_write_text(run_dir / "bad_files.txt", "".join(f"{p}\t{why}\n" for p, why in sorted(errors.items())))

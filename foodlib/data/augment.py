@@ -1,0 +1,129 @@
+"""Batch augmentation on tensors, on whatever device the model runs on.
+
+Input batches are uint8 ``(N, S, S, 3)`` (cache layout). Training draws one random resized crop
+and flip per image and applies them all in one ``grid_sample`` call; evaluation takes the
+deterministic center crop. Both end with ImageNet normalisation, in float32, in NCHW shape with
+channels_last strides when asked (no copy: NHWC memory *is* channels_last).
+
+>>> x = torch.randint(0, 256, (8, 73, 73, 3), dtype=torch.uint8)
+>>> eval_transform(x, 64).shape
+torch.Size([8, 3, 64, 64])
+>>> train_transform(x, 64, generator=torch.Generator().manual_seed(0)).shape
+torch.Size([8, 3, 64, 64])
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_FRACTION = 0.875  # eval crop / stored side, the usual 224/256
+
+
+def cache_side(image_size: int) -> int:
+    """Side of the stored (cached) square for a network input of ``image_size`` (64 -> 73, 224 -> 256)."""
+    return int(round(image_size / CROP_FRACTION))
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """float 0..255 NCHW -> ImageNet-normalised, as one fused multiply-add."""
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
+
+
+def _nchw(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, S, S, 3), got shape {tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2)  # a view: NHWC memory is exactly NCHW channels_last
+
+
+def eval_transform(images: torch.Tensor, size: int, channels_last: bool = True) -> torch.Tensor:
+    """Deterministic center crop of ``size`` from uint8 ``(N, S, S, 3)``, normalised ``(N, 3, size, size)``."""
+    x = _nchw(images)
+    side = x.shape[-1]
+    if side < size:
+        raise ValueError(f"stored images are {side} px, smaller than the crop {size}; rebuild the cache")
+    top = (side - size) // 2
+    x = x[:, :, top : top + size, top : top + size].float()
+    x = _normalize(x)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def train_transform(
+    images: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    crop: bool = True,
+    color_jitter: float = 0.0,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Random resized crop + horizontal flip (+ colour jitter) for a whole batch at once.
+
+    Args:
+        images: uint8 ``(N, S, S, 3)`` on the target device.
+        size: output side.
+        generator: a ``torch.Generator`` on the CPU; all random draws come from it, so a
+            (seed, epoch, step) generator makes augmentation reproducible.
+        scale: range of the crop's area as a fraction of the image (torchvision's default is
+            (0.08, 1); food photos lose their identity below ~1/3 of the plate).
+        ratio: range of the crop's aspect ratio.
+        flip: random horizontal flip with probability 1/2.
+        crop: False keeps the full image (resized to ``size``), e.g. for ``augment="flip"``.
+        color_jitter: strength j of brightness / contrast / saturation factors drawn from [1-j, 1+j].
+    """
+    x = _nchw(images).float()  # (N, 3, S, S)
+    n = x.shape[0]
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731  (CPU draws, then moved)
+
+    if crop:
+        # Crop width/height as fractions of the side; clamping to 1 replaces torchvision's retry
+        # loop (vectorised, and only matters for extreme aspect ratios of near-full crops).
+        area = scale[0] + (scale[1] - scale[0]) * rand(n)
+        log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand(n)
+        aspect = torch.exp(log_ratio)
+        w = torch.sqrt(area * aspect).clamp(max=1.0)
+        h = torch.sqrt(area / aspect).clamp(max=1.0)
+        cx = (1 - w) * (2 * rand(n) - 1)  # crop center in [-1, 1] coordinates
+        cy = (1 - h) * (2 * rand(n) - 1)
+    else:
+        w = h = torch.ones(n)
+        cx = cy = torch.zeros(n)
+    sign = torch.where(rand(n) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)  # (N, size, size, 2)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    if color_jitter > 0:
+        factors = (1 - color_jitter + 2 * color_jitter * rand(n, 3)).to(x.device)  # (N, 3)
+        brightness, contrast, saturation = (factors[:, i].view(n, 1, 1, 1) for i in range(3))
+        x = x * brightness
+        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * contrast + x.mean(dim=(1, 2, 3), keepdim=True)
+        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (N, 1, H, W), ITU-R 601 luma
+        x = ((x - grey) * saturation + grey).clamp(0, 255)
+
+    x = _normalize(x)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def augment_options(name: str) -> dict:
+    """Keyword arguments of :func:`train_transform` for the config's ``augment`` setting."""
+    options = {
+        "none": dict(crop=False, flip=False),
+        "flip": dict(crop=False, flip=True),
+        "standard": dict(crop=True, flip=True),
+        "strong": dict(crop=True, flip=True, color_jitter=0.3),
+    }
+    if name not in options:
+        raise ValueError(f"augment={name!r} is not valid; choose one of {sorted(options)}")
+    return options[name]

@@ -1,0 +1,485 @@
+"""Training: one readable ``fit()`` from a Config to a run folder, plus its small helpers.
+
+>>> result = fit(Config.from_flat(data="dishes", backbone="smallcnn", epochs=2, out="runs/try"))  # doctest: +SKIP
+>>> result.metrics["test"]["top1"]                                                              # doctest: +SKIP
+0.71
+
+The run folder gets ``config.yaml``, ``run.json`` (seed, versions, git commit), ``splits/``,
+``trace.csv`` (one row per epoch and split), ``last.pt`` (every epoch, for ``resume``),
+``best.pt`` (best val top-1), ``metrics.json`` and, after training, ``features.npz`` and ``figures/``.
+Every randomness of epoch e derives from (seed, e): resuming from ``last.pt`` replays exactly the
+run that was interrupted, wherever it was killed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from foodlib.config import Config, ConfigError
+from foodlib.data import Data, load_data
+from foodlib.data.augment import augment_options, eval_transform, train_transform
+from foodlib.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
+from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from foodlib.losses import DiscriminativeLoss, create_loss
+from foodlib.models import EmbeddingNet, create_model
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the epoch, the step and the term."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or does not fit the run (classes, architecture)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    model: EmbeddingNet
+    loss: DiscriminativeLoss
+    data: Data
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----- small helpers beside the loop ------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware has it, fp16 (with a grad scaler) on older GPUs, None for float32.
+
+    "auto" keeps CPUs in float32: without AMX units bf16 convolutions are slower there.
+    """
+    if amp == "off" or (amp == "auto" and device.type == "cpu"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or device.type == "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_optimizers(cfg: Config, model: nn.Module, loss: DiscriminativeLoss):
+    """The network optimizer (network + loss head) and, for learnable centers, their own SGD.
+
+    Weight decay applies to weight matrices (network and linear classifier), never to biases,
+    norm layers or class state (centers, Gaussian means, log-variances): pulling class state
+    towards the origin would fight the loss. Centers in ``update="sgd"`` mode get a plain SGD
+    optimizer with ``center_lr`` (the paper's center step, independent of the network's
+    optimizer and not scaled by lam).
+    """
+    state_ids = {id(p) for p in loss.state_parameters()}
+    decay, no_decay = [], []
+    for name, p in list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss.named_parameters()]:
+        if not p.requires_grad or id(p) in state_ids:
+            continue
+        is_matrix = p.ndim > 1 and (not name.startswith("loss.") or name.startswith("loss.classifier."))
+        (decay if is_matrix else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
+    elif o.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=o.lr)
+    else:  # adagrad, as in the earlier attempt
+        optimizer = torch.optim.Adagrad(groups, lr=o.lr)
+    center_params = list(loss.state_parameters())
+    center_optimizer = torch.optim.SGD(center_params, lr=cfg.loss.center_lr) if center_params else None
+    return optimizer, center_optimizer
+
+
+def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at a global step: linear warm-up, then cosine / step / constant."""
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.optim.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.optim.schedule == "step":  # x0.1 at 50% and again at 75% of training
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0
+
+
+def loss_kwargs(cfg: Config) -> dict[str, Any]:
+    """The loss settings of the config; None means "the loss's own default" and is left out."""
+    c = cfg.loss
+    kw = dict(lam=c.lam, alpha=c.alpha, update=c.update, covariance=c.covariance, lam_island=c.lam_island,
+              alpha_warmup_epochs=c.alpha_warmup_epochs)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def build_model_and_loss(cfg: Config, num_classes: int) -> tuple[EmbeddingNet, DiscriminativeLoss]:
+    torch.manual_seed(cfg.train.seed)  # weights and class state depend on the seed alone
+    model = create_model(cfg.model.backbone, cfg.model.embedding_dim, cfg.model.pretrained)
+    loss = create_loss(cfg.loss.loss, embedding_dim=model.embedding_dim, num_classes=num_classes, strict=False,
+                       **loss_kwargs(cfg))
+    return model, loss
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Number of samples whose label is among the top-k logits, for each k (k clamped to C); a tensor."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, k)
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, : min(k, logits.shape[1])].any(dim=1).sum() for k in ks])
+
+
+def batch_stats(out, logits: torch.Tensor, labels: torch.Tensor, term_names) -> torch.Tensor:
+    """[n, top-1 hits, top-5 hits, loss * n, term * n ...] as one float64 tensor on the batch's device.
+
+    Summed over an epoch and read once at its end: no per-step device sync on GPUs.
+    """
+    n = labels.new_tensor(len(labels), dtype=torch.float64)
+    hits = topk_correct(logits, labels).double()
+    values = torch.stack([out.loss.detach(), *(out.terms[t].detach() for t in term_names)]).double() * n
+    return torch.cat([n[None], hits, values])
+
+
+def summarise_stats(sums: torch.Tensor, term_names) -> dict[str, float]:
+    """Means from summed :func:`batch_stats` (all-reduced across ranks first)."""
+    sums = all_reduce_sum(sums).cpu()
+    n = max(1.0, float(sums[0]))
+    out = {"n": int(sums[0]), "loss": float(sums[3]) / n}
+    out.update({t: float(sums[4 + i]) / n for i, t in enumerate(term_names)})
+    out.update({"top1": float(sums[1]) / n, "top5": float(sums[2]) / n})
+    return out
+
+
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The augmentation random stream of one epoch on one rank."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info(cfg: Config, device: torch.device, info: DistInfo) -> dict[str, Any]:
+    import torchvision
+
+    import foodlib
+
+    return {
+        "seed": cfg.train.seed, "device": str(device), "world_size": info.world_size,
+        "foodlib": foodlib.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "git_commit": _git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite trace.csv (atomically) from all rows so far; columns are the union, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a foodlib checkpoint, with a clear error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+            "delete it and resume from the other checkpoint (last.pt / best.pt) or retrain"
+        ) from error
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a foodlib checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss: DiscriminativeLoss, loader, image_size: int, device: torch.device,
+    amp_dtype: torch.dtype | None = None, channels_last: bool = True, progress: bool = False, desc: str = "eval",
+) -> dict[str, Any]:
+    """Loss (training objective, margin included), each term, and top-1/top-5 from ``loss.predict``.
+
+    Under DDP each rank evaluates its shard and the sums are all-reduced.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
+    for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        x = eval_transform(images, image_size, channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            embedding = model(x)
+        out = loss(embedding, labels)
+        sums += batch_stats(out, loss.predict(embedding), labels, loss.term_names)
+    return summarise_stats(sums, loss.term_names)
+
+
+# ----- the loop -------------------------------------------------------------------------------
+
+def fit(cfg: Config, data: Data | None = None) -> RunResult:
+    """Train ``cfg`` end to end and write the run folder; returns metrics, model, loss and data.
+
+    Phases per epoch: schedules -> train (lr, forward, loss, backward, step, center update) ->
+    val -> trace -> checkpoints. After the last epoch: best checkpoint -> val/test metrics ->
+    features, feature metrics and figures (``features`` / ``figures`` config switches).
+    """
+    cfg.validate()
+    t_start = time.time()
+    device = resolve_device(cfg.train.device)
+    info = setup_distributed(device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    main = info.is_main
+    run_dir = Path(cfg.train.out).expanduser()
+    progress = main and not cfg.train.quiet
+    log = print if main else (lambda *a, **k: None)
+
+    # -- run folder --------------------------------------------------------------------------
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if last_path.exists() and not cfg.train.resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run (last.pt). Pass resume=True (--resume) to continue it, "
+            "or choose another out folder."
+        )
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(run_dir / "config.yaml")
+        atomic_write_json(run_dir / "run.json", run_info(cfg, device, info))
+
+    # -- data, model, loss, optimizers --------------------------------------------------------
+    if data is None:
+        data = load_data(cfg, run_dir if main else None, progress=progress)
+    model, loss = build_model_and_loss(cfg, data.num_classes)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    loss = loss.to(device)
+    optimizer, center_optimizer = build_optimizers(cfg, model, loss)
+    amp_dtype = autocast_dtype(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    if info.world_size > 1 and cfg.train.batch_size % info.world_size:
+        raise ConfigError(f"batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes")
+    cuda = device.type == "cuda"
+    loader_kw = dict(workers=cfg.train.workers, pin_memory=cuda, rank=info.rank, world_size=info.world_size)
+    train_loader = data.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, **loader_kw)
+    val_split = "val" if "val" in data.index.splits and len(data.index.splits["val"]) else None
+    val_loader = data.loader(val_split, cfg.train.batch_size, shuffle=False, **loader_kw) if val_split else None
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size={cfg.train.batch_size} is larger than the {len(data.labels('train'))} training images; "
+            "lower batch_size"
+        )
+
+    # The loss joins the DDP module so its parameters (classifier, sgd centers, L-GM means) are
+    # synchronised like the network's; paper-mode centers all-reduce inside update_centers().
+    step_module = _ModelAndLoss(model, loss)
+    if info.enabled:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if cuda else None)
+    forward = torch.compile(step_module) if cfg.train.compile else step_module
+
+    # -- resume ------------------------------------------------------------------------------
+    start_epoch, best_top1, best_epoch, trace = 0, -1.0, -1, []
+    if cfg.train.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        if ckpt["classes"] != data.classes:
+            raise CheckpointError(
+                f"{last_path} was trained on classes {ckpt['classes'][:5]}... but the data has {data.classes[:5]}...; "
+                "resume with the same data"
+            )
+        model.load_state_dict(ckpt["model"])
+        loss.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if center_optimizer is not None:
+            center_optimizer.load_state_dict(ckpt["center_optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best_top1, best_epoch, trace = ckpt["epoch"], ckpt["best_top1"], ckpt["best_epoch"], ckpt["trace"]
+        log(f"resuming {run_dir} after epoch {start_epoch} (best val top-1 {best_top1:.4f} at epoch {best_epoch})")
+
+    base_lam = getattr(loss, "lam", None)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # -- schedules -----------------------------------------------------------------------
+        loss.set_progress(epoch, cfg.train.epochs)
+        if base_lam is not None and cfg.loss.lam_warmup_epochs:
+            loss.lam = base_lam * min(1.0, epoch / cfg.loss.lam_warmup_epochs)
+        train_loader.set_epoch(epoch)
+        generator = epoch_generator(cfg.train.seed, epoch, info.rank)
+        augment = augment_options(cfg.train.augment)
+
+        # -- train ---------------------------------------------------------------------------
+        from tqdm.auto import tqdm
+
+        model.train()
+        loss.train()
+        sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
+        t_epoch = time.time()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress, leave=False)
+        for step, (images, labels) in enumerate(bar):
+            global_step = epoch * steps_per_epoch + step
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(cfg, global_step, steps_per_epoch)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if cfg.train.augment == "none":
+                x = eval_transform(images, cfg.data.image_size, cfg.train.channels_last)
+            else:
+                x = train_transform(images, cfg.data.image_size, generator, channels_last=cfg.train.channels_last,
+                                    **augment)
+
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                embedding, out = forward(x, labels)  # (N, D), LossOutput in float32
+            if not torch.isfinite(out.loss):
+                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
+                raise NonFiniteLossError(
+                    f"loss is {float(out.loss)} at epoch {epoch + 1}, step {step + 1} (term(s): {', '.join(bad)}); "
+                    f"the run stopped, {last_path} holds the last good epoch. Lower lr or lam, or check the data."
+                )
+
+            optimizer.zero_grad(set_to_none=True)
+            if center_optimizer is not None:
+                center_optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            if center_optimizer is not None:
+                scaler.step(center_optimizer)
+            scaler.update()
+            loss.update_centers(embedding.detach().float(), labels)  # Center Loss Algorithm 1 (paper mode)
+
+            sums += batch_stats(out, out.logits.detach(), labels, loss.term_names)  # training logits (margin on)
+            if progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(out.loss):.3f}", top1=f"{float(sums[1] / sums[0]):.3f}")
+        train = summarise_stats(sums, loss.term_names)
+        seconds = time.time() - t_epoch
+        row = {"epoch": epoch + 1, "split": "train", "lr": optimizer.param_groups[0]["lr"],
+               **{k: v for k, v in train.items() if k != "n"},
+               "seconds": round(seconds, 3), "img_per_s": round(train["n"] / seconds, 1)}
+        trace.append(row)
+
+        # -- val -----------------------------------------------------------------------------
+        if val_loader is not None:
+            t_val = time.time()
+            val = evaluate(model, loss, val_loader, cfg.data.image_size, device, amp_dtype, cfg.train.channels_last,
+                           progress, desc="val")
+            val_seconds = time.time() - t_val
+            trace.append({"epoch": epoch + 1, "split": "val", "lr": row["lr"], "loss": val["loss"],
+                          **{t: val[t] for t in loss.term_names}, "top1": val["top1"], "top5": val["top5"],
+                          "seconds": round(val_seconds, 3), "img_per_s": round(val["n"] / max(val_seconds, 1e-9), 1)})
+            score = val["top1"]
+        else:
+            score = row["top1"]  # no val split: the best checkpoint follows training accuracy
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {row['loss']:.4f} top1 {row['top1']:.3f}"
+            + (f" | val loss {val['loss']:.4f} top1 {val['top1']:.3f}" if val_loader is not None else "")
+            + f" | {row['img_per_s']:.0f} img/s")
+
+        # -- checkpoints ---------------------------------------------------------------------
+        improved = score > best_top1
+        if improved:
+            best_top1, best_epoch = score, epoch + 1
+        if main:
+            common = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "classes": data.classes,
+                      "model": model.state_dict(), "loss": loss.state_dict(), "image_size": cfg.data.image_size,
+                      "embedding_dim": model.embedding_dim}
+            if improved:
+                atomic_torch_save(best_path, {**common, "epoch": epoch + 1, "val_top1": score})
+            write_trace(run_dir / "trace.csv", trace)
+            atomic_torch_save(last_path, {
+                **common, "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "trace": trace,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "center_optimizer": center_optimizer.state_dict() if center_optimizer is not None else None,
+            })
+        barrier()
+
+    # -- final evaluation from the best checkpoint ----------------------------------------------
+    if best_path.exists():
+        best = load_checkpoint(best_path)
+        model.load_state_dict(best["model"])
+        loss.load_state_dict(best["loss"])
+    metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs": cfg.train.epochs}
+    final_splits = [s for s in ("val", "test") if s in data.index.splits and len(data.index.splits[s])]
+    if not cfg.train.eval_test:
+        final_splits = [s for s in final_splits if s != "test"]
+    for split in final_splits:
+        loader = data.loader(split, cfg.train.batch_size, shuffle=False, **loader_kw)
+        metrics[split] = evaluate(model, loss, loader, cfg.data.image_size, device, amp_dtype,
+                                  cfg.train.channels_last, progress, desc=split)
+    train_rows = [r for r in trace if r["split"] == "train"]
+    metrics["train_seconds"] = round(sum(r["seconds"] for r in train_rows), 2)
+    metrics["train_img_per_s"] = round(float(np.median([r["img_per_s"] for r in train_rows])), 1) if train_rows else None
+    metrics["bad_files"] = len(data.bad_files)
+
+    if main:
+        if cfg.train.features:
+            from foodlib.analysis import analyse_run
+
+            metrics = analyse_run(run_dir, model, loss, data, cfg, metrics, device=device, figures=cfg.train.figures,
+                                  trace=trace, progress=progress)
+        metrics["wall_seconds"] = round(time.time() - t_start, 2)
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        log(f"done: {run_dir} " + " ".join(
+            f"{s} top1 {metrics[s]['top1']:.3f}" for s in ("val", "test") if s in metrics))
+    barrier()
+    if info.enabled:
+        cleanup_distributed()
+    return RunResult(run_dir, metrics, model, loss, data, trace)
+
+
+class _ModelAndLoss(nn.Module):
+    """Network and loss as one module, so DDP synchronises both and autocast covers the forward."""
+
+    def __init__(self, model: nn.Module, loss: DiscriminativeLoss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        embedding = self.model(images)  # (N, D)
+        return embedding, self.loss(embedding, labels)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str | torch.device = "cpu"):
+    """Model, loss, config and classes of a finished run, in eval mode.
+
+    >>> model, loss, cfg, classes = load_run("runs/demo/softmax-s0")   # doctest: +SKIP
+    """
+    ckpt = load_checkpoint(Path(run_dir) / checkpoint)
+    cfg = Config.from_dict(ckpt["config"])
+    model, loss = build_model_and_loss(cfg.with_overrides(pretrained=False), len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    loss.load_state_dict(ckpt["loss"])
+    device = torch.device(device)
+    return model.to(device).eval(), loss.to(device).eval(), cfg, ckpt["classes"]
+
