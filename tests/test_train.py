@@ -1,0 +1,100 @@
+"""fit() end to end on small real runs: the run folder, learning, and the CLI."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from foodlib.cli import main as cli_main
+from foodlib.train import fit, load_checkpoint, load_run
+
+
+@pytest.fixture(scope="module")
+def softmax_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("softmax")
+    # digits: easy enough that 3 short epochs must learn; dishes are deliberately harder
+    return fit(tiny_config(tmp, data="digits", limit_per_class=30, val_fraction=0.1, epochs=3, lr=3e-3,
+                           features=True, figures=True))
+
+
+def test_run_folder_has_everything(softmax_run):
+    run = softmax_run.run_dir
+    for name in ("config.yaml", "run.json", "trace.csv", "metrics.json", "best.pt", "last.pt", "features.npz",
+                 "classes.json", "splits/train.txt", "splits/val.txt", "splits/test.txt"):
+        assert (run / name).is_file(), name
+    assert (run / "figures" / "umap.png").is_file()
+    info = json.loads((run / "run.json").read_text())
+    assert info["seed"] == 0 and info["torch"] == torch.__version__
+
+
+def test_metrics_json_holds_fractions(softmax_run):
+    metrics = json.loads((softmax_run.run_dir / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert 0.0 <= metrics[split]["top1"] <= metrics[split]["top5"] <= 1.0
+    for key in ("intra_class_variance", "inter_class_distance", "fisher_ratio", "silhouette", "knn_top1", "nmi"):
+        assert key in metrics["test"], key
+    low, high = metrics["test"]["top1_ci"]
+    assert low <= metrics["test"]["top1"] <= high
+
+
+def test_training_learns(softmax_run):
+    rows = list(csv.DictReader(open(softmax_run.run_dir / "trace.csv")))
+    train = [r for r in rows if r["split"] == "train"]
+    assert {"epoch", "split", "lr", "loss", "ce", "top1", "top5", "seconds", "img_per_s"} <= set(rows[0])
+    assert float(train[-1]["loss"]) < float(train[0]["loss"])
+    assert float(train[-1]["top1"]) > float(train[0]["top1"])
+    assert softmax_run.metrics["test"]["top1"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_checkpoints_carry_config_and_classes(softmax_run):
+    best = load_checkpoint(softmax_run.run_dir / "best.pt")
+    assert best["classes"] == softmax_run.data.classes
+    assert best["config"]["loss"]["loss"] == "softmax"
+    last = load_checkpoint(softmax_run.run_dir / "last.pt")
+    assert last["epoch"] == 3 and "optimizer" in last
+
+
+def test_load_run_reproduces_the_test_evaluation(softmax_run):
+    from foodlib.train import evaluate
+
+    model, loss, cfg, classes = load_run(softmax_run.run_dir)
+    loader = softmax_run.data.loader("test", 64, shuffle=False)
+    again = evaluate(model, loss, loader, cfg.data.image_size, torch.device("cpu"))
+    assert again["top1"] == pytest.approx(softmax_run.metrics["test"]["top1"])
+
+
+def test_existing_run_needs_resume(softmax_run):
+    cfg = tiny_config(softmax_run.run_dir.parent, data="digits")  # same out folder
+    assert cfg.train.out == str(softmax_run.run_dir)
+    with pytest.raises(FileExistsError, match="resume"):
+        fit(cfg)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_other_optimizers_and_schedules_run(tmp_path, optimizer):
+    result = fit(tiny_config(tmp_path, optimizer=optimizer, lr=0.01, schedule="step", warmup_epochs=0.5,
+                             epochs=2, features=False))
+    assert result.metrics["val"]["n"] > 0
+
+
+def test_cli_train(tmp_path, capsys):
+    code = cli_main(["train", "--data", "dishes", "--dishes-classes", "3", "--dishes-per-class", "12",
+                     "--image-size", "32", "--backbone", "smallcnn", "--epochs", "1", "--batch-size", "8",
+                     "--workers", "0", "--quiet", "--no-features", "--loss", "center", "--lam", "0.01",
+                     "--out", str(tmp_path / "cli")])
+    assert code == 0
+    assert "run folder" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["test"]["n"] == 12
+
+
+@pytest.mark.slow
+def test_real_food_photos_learn_above_chance(tmp_path, food101_10):
+    """Real Food-101 photos (10 classes): a small subset, small images, a few epochs, well above chance."""
+    cfg = tiny_config(tmp_path, data=str(food101_10), limit_per_class=80, val_fraction=0.2, image_size=48,
+                      epochs=6, batch_size=32, lr=3e-3, eval_test=False, features=False)
+    result = fit(cfg)
+    val = result.metrics["val"]
+    assert val["n"] == 160
+    # chance is 0.10; with 160 val images its standard error is 0.024, so 0.2 is 4 of them above
+    assert val["top1"] > 0.20, val
