@@ -1,0 +1,975 @@
+"""Use a trained run: predict classes, embed images, find nearest training images, export the model.
+
+Every function takes a run folder (or an :class:`InferenceRun` loaded once) and uses the run's best
+checkpoint with exactly the run's evaluation preprocessing: ``load_image_array(path,
+cache_side(image_size))`` (the decode the cache uses) then ``eval_transform`` and
+``loss.predict``, through the same :func:`~foodlib.features.extract_features` that wrote the
+run's ``features.npz``. Unreadable files are skipped and listed, never fatal.
+
+>>> preds = predict("runs/demo/center-s0", ["photos/"], top_k=3)            # doctest: +SKIP
+>>> print(preds.table())                                                    # doctest: +SKIP
+>>> neighbours = nearest_neighbours("runs/demo/center-s0", "photos/ramen.jpg", k=5)  # doctest: +SKIP
+>>> neighbours.figure().savefig("neighbours.png")                            # doctest: +SKIP
+>>> export_model("runs/demo/center-s0", format="torchscript")              # doctest: +SKIP
+PosixPath('runs/demo/center-s0/export/model.pt')
+
+Command line: ``foodlib predict RUN PATH... [--out preds.csv]``, ``foodlib embed RUN PATH... --out
+F.npz``, ``foodlib neighbours RUN QUERY... [--figure F.png]``, ``foodlib export RUN --format
+torchscript|onnx``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from foodlib.cli import command
+from foodlib.config import Config
+from foodlib.data.augment import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, cache_side
+from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image_array
+from foodlib.features import extract_features, load_features
+from foodlib.losses import DiscriminativeLoss
+
+__all__ = [
+    "ConfusedPair", "InferenceModule", "InferenceRun", "Neighbours", "Predictions", "collect_image_paths",
+    "confused_pairs", "embed", "export_model", "load_exported", "most_confused_pairs", "nearest_neighbours",
+    "predict", "read_split_file", "trace_module", "trained_metric",
+]
+
+#: The distance each loss trains its embedding for. Center and island loss pull samples to class
+#: centers by squared Euclidean distance; L-GM classifies by Mahalanobis distance to the class
+#: means, which is Euclidean for the default identity covariance (with ``covariance="diagonal"`` it
+#: is per class, so no single metric fits the gallery and Euclidean remains the neutral choice).
+#: Softmax trains no metric; Euclidean is the common default and ``metric="cosine"`` the usual
+#: alternative for its features.
+TRAINED_METRICS = {"softmax": "euclidean", "center": "euclidean", "lgm": "euclidean", "island": "euclidean"}
+METRICS = ("euclidean", "cosine")
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+def trained_metric(loss_name: str) -> str:
+    """The nearest-neighbour metric for embeddings trained with ``loss_name`` (see :data:`TRAINED_METRICS`).
+
+    >>> trained_metric("center")
+    'euclidean'
+    """
+    return TRAINED_METRICS.get(loss_name, "euclidean")
+
+
+# ----- the loaded run ---------------------------------------------------------------------------
+
+@dataclass
+class InferenceRun:
+    """A finished run loaded for inference: model and loss in eval mode on ``device``, config, classes.
+
+    Load it once with :meth:`load` and pass it instead of the run folder to every function here,
+    to read the checkpoint only once (notebooks, many calls).
+
+    >>> run = InferenceRun.load("runs/demo/center-s0", device="cpu")   # doctest: +SKIP
+    >>> run.image_size, run.side, len(run.classes)                      # doctest: +SKIP
+    (64, 73, 10)
+    """
+
+    run_dir: Path
+    model: nn.Module
+    loss: DiscriminativeLoss
+    cfg: Config
+    classes: list[str]
+    device: torch.device
+    checkpoint: str = "best.pt"
+
+    @classmethod
+    def load(cls, run_dir: str | Path, checkpoint: str = "best.pt", device: str | torch.device = "auto"
+             ) -> "InferenceRun":
+        """Read ``run_dir/checkpoint`` (the best-val checkpoint by default) onto ``device`` ("auto": GPU if any)."""
+        from foodlib.train import load_run, resolve_device
+
+        run_dir = Path(run_dir).expanduser()
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `foodlib train`")
+        if not (run_dir / checkpoint).is_file():
+            others = sorted(p.name for p in run_dir.glob("*.pt"))
+            raise FileNotFoundError(
+                f"{run_dir} has no {checkpoint}"
+                + (f" (it has {', '.join(others)}; pass checkpoint=/--checkpoint one of them)" if others
+                   else "; the run has not finished an epoch yet")
+            )
+        device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+        model, loss, cfg, classes = load_run(run_dir, checkpoint, device)
+        return cls(run_dir, model, loss, cfg, list(classes), device, checkpoint)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the center crop the network sees."""
+        return self.cfg.data.image_size
+
+    @property
+    def side(self) -> int:
+        """Side of the decoded square the crop is taken from (the cache's side)."""
+        return cache_side(self.image_size)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype fit() used for evaluation on this device (None: float32)."""
+        from foodlib.train import autocast_dtype
+
+        return autocast_dtype(self.cfg.train.amp, self.device)
+
+    @property
+    def metric(self) -> str:
+        return trained_metric(self.cfg.loss.loss)
+
+
+def _as_run(run_dir: str | Path | InferenceRun, checkpoint: str, device) -> InferenceRun:
+    return run_dir if isinstance(run_dir, InferenceRun) else InferenceRun.load(run_dir, checkpoint, device)
+
+
+# ----- image files ------------------------------------------------------------------------------
+
+def collect_image_paths(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    """Absolute paths of the images named by ``paths``: files as given, folders searched recursively.
+
+    A file named explicitly is kept whatever its suffix (it is tried, and skipped if unreadable);
+    in folders only image suffixes (:data:`foodlib.data.images.IMAGE_EXTENSIONS`) count and hidden
+    files and folders are ignored. Order: arguments in order, each folder's files sorted;
+    duplicates are kept once.
+
+    Raises:
+        FileNotFoundError: a path does not exist, or no image file was found at all.
+
+    >>> collect_image_paths(["photos/", "extra/ramen.jpg"])   # doctest: +SKIP
+    ['/home/me/photos/a.jpg', '/home/me/photos/sub/b.png', '/home/me/extra/ramen.jpg']
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: dict[str, None] = {}  # an ordered set
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            root = path.resolve()
+            for file in sorted(root.rglob("*")):
+                hidden = any(part.startswith(".") for part in file.relative_to(root).parts)
+                if file.is_file() and not hidden and file.suffix.lower() in IMAGE_EXTENSIONS:
+                    found[str(file)] = None
+        elif path.is_file():
+            found[str(path.resolve())] = None
+        else:
+            raise FileNotFoundError(f"{given}: no such file or folder; pass image files or folders of images")
+    if not found:
+        raise FileNotFoundError(
+            f"no image files in {', '.join(map(str, paths))} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}...)"
+        )
+    return list(found)
+
+
+class _DecodedBatches:
+    """Batches ``(uint8 (B, S, S, 3), dummy labels)`` of ``paths`` for :func:`extract_features`.
+
+    Decoding runs in threads (Pillow releases the GIL) one batch ahead of the model. Files that do
+    not decode land in ``skipped`` (path -> reason); ``kept`` lists, in order, the files that did.
+    """
+
+    def __init__(self, paths: list[str], side: int, batch_size: int, threads: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.paths, self.side, self.batch_size = paths, side, batch_size
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.kept: list[str] = []
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def _decode(self, path: str) -> np.ndarray | str:
+        try:
+            return load_image_array(path, self.side)  # (S, S, 3) uint8: the cache's decode
+        except ImageDecodeError as error:
+            return error.reason
+        except OSError as error:  # vanished, unreadable permissions, a folder...
+            return f"{type(error).__name__}: {error.strerror or error}"
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        chunks = [self.paths[i: i + self.batch_size] for i in range(0, len(self.paths), self.batch_size)]
+        with ThreadPoolExecutor(self.threads) as pool:
+            pending = [pool.submit(self._decode, p) for p in chunks[0]] if chunks else []
+            for i, chunk in enumerate(chunks):
+                results = [f.result() for f in pending]
+                if i + 1 < len(chunks):  # decode the next batch while the model runs on this one
+                    pending = [pool.submit(self._decode, p) for p in chunks[i + 1]]
+                arrays = []
+                for path, result in zip(chunk, results):
+                    if isinstance(result, str):
+                        self.skipped[path] = result
+                    else:
+                        self.kept.append(path)
+                        arrays.append(result)
+                if arrays:
+                    yield torch.from_numpy(np.stack(arrays)), torch.zeros(len(arrays), dtype=torch.int64)
+
+
+# ----- predict / embed --------------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """Embeddings and prediction logits of images, with the files that could not be read.
+
+    Attributes:
+        paths: the images that were read, in input order (row i of the arrays).
+        classes: the run's class names (column j of ``logits``).
+        embeddings: ``(N, D)`` float32.
+        logits: ``(N, C)`` float32 from ``loss.predict`` (for L-GM: class log-likelihoods).
+        skipped: unreadable files, path -> reason.
+        top_k: how many classes :meth:`rows`, :meth:`table` and :meth:`save` show.
+    """
+
+    paths: list[str]
+    classes: list[str]
+    embeddings: np.ndarray
+    logits: np.ndarray
+    skipped: dict[str, str] = field(default_factory=dict)
+    top_k: int = 5
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Soft-max of the logits ``(N, C)``: the class posteriors (uniform prior for L-GM)."""
+        from scipy.special import softmax
+
+        return softmax(self.logits.astype(np.float64), axis=1).astype(np.float32)
+
+    @property
+    def predicted(self) -> list[str]:
+        """The top-1 class name of each image."""
+        return [self.classes[j] for j in self.logits.argmax(1)] if len(self) else []
+
+    def top(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices ``(N, k)`` and probabilities ``(N, k)`` of the k most probable classes, best first."""
+        k = min(k or self.top_k, len(self.classes))
+        order = np.argsort(-self.logits, axis=1, kind="stable")[:, :k]  # (N, k)
+        return order, np.take_along_axis(self.probabilities, order, axis=1)
+
+    def rows(self, k: int | None = None) -> list[dict[str, Any]]:
+        """One dict per image: ``path``, ``class_1``, ``probability_1``, ... ``error`` (skipped files last)."""
+        k = min(k or self.top_k, len(self.classes))
+        order, probs = self.top(k)
+        rows = []
+        for i, path in enumerate(self.paths):
+            row: dict[str, Any] = {"path": path}
+            for r in range(k):
+                row[f"class_{r + 1}"] = self.classes[order[i, r]]
+                row[f"probability_{r + 1}"] = round(float(probs[i, r]), 6)
+            rows.append(row | {"error": ""})
+        for path, reason in self.skipped.items():
+            rows.append({"path": path, **{f"{c}_{r + 1}": "" for r in range(k) for c in ("class", "probability")},
+                         "error": reason})
+        return rows
+
+    def table(self, k: int | None = None) -> str:
+        """A plain-text table: file (relative to the common folder) and the top-k ``class (p)``."""
+        k = min(k or self.top_k, len(self.classes))
+        if not self.paths:
+            return "(no readable images)"
+        order, probs = self.top(k)
+        names = _short_names(self.paths)
+        cells = [[f"{self.classes[order[i, r]]} ({probs[i, r]:.2f})" for r in range(k)] for i in range(len(self))]
+        header = ["file"] + [f"top-{r + 1}" for r in range(k)]
+        widths = [max(len(header[0]), *map(len, names))]
+        widths += [max(len(header[r + 1]), *(len(row[r]) for row in cells)) for r in range(k)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip([name, *row], widths)) for name, row in zip(names, cells)]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``.csv`` (one row per image, top-k columns, skipped files with ``error``), ``.json``
+        (``{"classes", "predictions", "skipped"}``) or ``.npz`` (paths, embeddings, logits, classes,
+        skipped paths and reasons); the suffix decides."""
+        from foodlib.io import atomic_write, atomic_write_json, atomic_write_text
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            rows = self.rows()
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["path", "error"])
+            writer.writeheader()
+            writer.writerows(rows)
+            return atomic_write_text(path, buffer.getvalue())
+        if suffix == ".json":
+            order, probs = self.top()
+            predictions = [
+                {"path": p, "top": [{"class": self.classes[order[i, r]], "probability": round(float(probs[i, r]), 6)}
+                                    for r in range(order.shape[1])]}
+                for i, p in enumerate(self.paths)
+            ]
+            return atomic_write_json(path, {"classes": self.classes, "predictions": predictions,
+                                            "skipped": self.skipped})
+        if suffix == ".npz":
+            arrays = {
+                "paths": np.asarray(self.paths, dtype=str), "embeddings": self.embeddings, "logits": self.logits,
+                "classes": np.asarray(self.classes, dtype=str),
+                "skipped_paths": np.asarray(list(self.skipped), dtype=str),
+                "skipped_reasons": np.asarray(list(self.skipped.values()), dtype=str),
+            }
+            return atomic_write(path, lambda f: np.savez(f, **arrays))
+        raise ValueError(f"cannot save predictions as {path.name!r}: use a .csv, .json or .npz file name")
+
+
+def _short_names(paths: list[str]) -> list[str]:
+    """Paths relative to their common folder (the file name alone for a single path)."""
+    if len(paths) == 1:
+        return [Path(paths[0]).name]
+    common = os.path.commonpath(paths)
+    return [os.path.relpath(p, common) for p in paths]
+
+
+def _infer(run: InferenceRun, paths: list[str], batch_size: int, progress: bool, desc: str) -> Predictions:
+    batches = _DecodedBatches(paths, run.side, batch_size)
+    try:
+        # The very function fit() wrote features.npz with: eval_transform, autocast, loss.predict.
+        features = extract_features(run.model, run.loss, batches, run.image_size, run.device, run.amp_dtype,
+                                    run.cfg.train.channels_last, progress=progress, desc=desc)
+    except ValueError:
+        if batches.kept:
+            raise
+        # Every file failed to decode (extract_features refuses an empty loader): empty arrays.
+        features = {"embeddings": np.zeros((0, run.model.embedding_dim), np.float32),
+                    "logits": np.zeros((0, len(run.classes)), np.float32)}
+    return Predictions(batches.kept, run.classes, features["embeddings"], features["logits"], batches.skipped)
+
+
+def predict(
+    run_dir: str | Path | InferenceRun,
+    paths: str | Path | Sequence[str | Path],
+    top_k: int = 5,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    checkpoint: str = "best.pt",
+    progress: bool = True,
+) -> Predictions:
+    """Top-k classes with probabilities for image files or folders, from the run's best checkpoint.
+
+    Preprocessing is the run's evaluation path exactly (decode to the cache's square, center crop,
+    ImageNet normalisation), so a test image gets the prediction the run's test evaluation gave it.
+
+    Args:
+        run_dir: a finished run folder, or an :class:`InferenceRun`.
+        paths: image files and/or folders (searched recursively), see :func:`collect_image_paths`.
+        top_k: classes to show per image (the arrays always hold all C).
+        batch_size: images per forward pass.
+        device: "auto" (GPU if any), "cpu", "cuda"...
+        checkpoint: file in the run folder; ``best.pt`` (best val top-1) by default.
+        progress: a progress bar over batches.
+
+    Returns:
+        :class:`Predictions` (``.table()``, ``.rows()``, ``.save("preds.csv")``); unreadable
+        files are in ``.skipped``, not raised.
+
+    >>> preds = predict("runs/demo/center-s0", "photos/", top_k=3, progress=False)   # doctest: +SKIP
+    >>> preds.predicted[:2], preds.skipped                                          # doctest: +SKIP
+    (['ramen', 'pho'], {'/home/me/photos/broken.jpg': 'truncated or corrupt (image file is truncated)'})
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    run = _as_run(run_dir, checkpoint, device)
+    result = _infer(run, collect_image_paths(paths), batch_size, progress, desc="predict")
+    result.top_k = top_k
+    return result
+
+
+def embed(
+    run_dir: str | Path | InferenceRun,
+    paths: str | Path | Sequence[str | Path],
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    checkpoint: str = "best.pt",
+    progress: bool = True,
+) -> Predictions:
+    """Embeddings ``(N, D)`` and prediction logits ``(N, C)`` of any images; optionally saved to ``out`` (.npz).
+
+    The same computation as :func:`predict` (and as the run's ``features.npz``). The .npz holds
+    ``paths``, ``embeddings``, ``logits``, ``classes``, ``skipped_paths`` and ``skipped_reasons``.
+
+    >>> emb = embed("runs/demo/center-s0", "photos/", out="photos.npz", progress=False)   # doctest: +SKIP
+    >>> emb.embeddings.shape                                                              # doctest: +SKIP
+    (12, 512)
+    """
+    run = _as_run(run_dir, checkpoint, device)
+    result = _infer(run, collect_image_paths(paths), batch_size, progress, desc="embed")
+    if out is not None:
+        if Path(out).suffix.lower() != ".npz":
+            raise ValueError(f"out={str(out)!r}: embeddings are written as .npz; use a file name ending in .npz")
+        result.save(out)
+    return result
+
+
+# ----- nearest neighbours -----------------------------------------------------------------------
+
+def read_split_file(run_dir: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """Paths and class names of ``run_dir/splits/<split>.txt`` (``path<TAB>class`` per line), in order.
+
+    This order is the order of the split's rows in ``features.npz``: ``load_data`` writes the
+    split files from the same index (after dropping bad files) whose ``paths`` the split's
+    ``ImageSource`` reads, and features are extracted with ``shuffle=False`` loaders, which visit
+    rows 0..N-1 in turn (``BatchLoader.batches``).
+    """
+    file = Path(run_dir) / "splits" / f"{split}.txt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist; the run has no {split!r} split (see {file.parent})")
+    paths, names = [], []
+    for line in file.read_text().splitlines():
+        if line:
+            path, name = line.rsplit("\t", 1)
+            paths.append(path)
+            names.append(name)
+    return paths, names
+
+
+def _split_features(run_dir: Path, split: str, classes: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Paths and features of one split, checked to line up row by row."""
+    features_file = run_dir / "features.npz"
+    if not features_file.is_file():
+        raise FileNotFoundError(f"{features_file} does not exist; train with features=True (the default)")
+    features = load_features(features_file)
+    if split not in features:
+        raise ValueError(f"{features_file} has no {split!r} split; it has {sorted(k for k in features if k != 'classes')}")
+    paths, names = read_split_file(run_dir, split)
+    feats = features[split]
+    labels = np.asarray([classes.index(n) for n in names], dtype=np.int64)
+    if len(paths) != len(feats["labels"]) or not np.array_equal(labels, feats["labels"]):
+        raise ValueError(
+            f"{run_dir}: splits/{split}.txt ({len(paths)} files) does not line up with the {split} rows of "
+            f"features.npz ({len(feats['labels'])}); the run folder was changed after training. Re-extract the "
+            "features (retrain, or rerun fit with resume=True after deleting features.npz)"
+        )
+    return paths, feats
+
+
+@dataclass
+class Neighbours:
+    """The k nearest gallery images of each query, closest first.
+
+    Attributes:
+        query_paths: the query files (``None`` entries for queries given as embeddings).
+        query_classes: each query's class when its file is in one of the run's splits, else None.
+        query_predicted: each query's predicted class (None for queries given as embeddings).
+        indices: ``(Q, k)`` rows of the gallery.
+        distances: ``(Q, k)`` in ``metric``, ascending along each row.
+        gallery_paths, gallery_labels: the gallery split's files and labels ``(G,)``.
+        classes: the run's class names.
+        metric: "euclidean" or "cosine" (cosine distance = 1 - cosine similarity).
+        image_side: side of the network's input crop, for :meth:`figure`.
+        skipped: unreadable query files, path -> reason.
+    """
+
+    query_paths: list[str | None]
+    query_classes: list[str | None]
+    query_predicted: list[str | None]
+    indices: np.ndarray
+    distances: np.ndarray
+    gallery_paths: list[str]
+    gallery_labels: np.ndarray
+    classes: list[str]
+    metric: str
+    image_side: int = 64
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def neighbour_paths(self, query: int) -> list[str]:
+        return [self.gallery_paths[j] for j in self.indices[query]]
+
+    def neighbour_classes(self, query: int) -> list[str]:
+        return [self.classes[self.gallery_labels[j]] for j in self.indices[query]]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per (query, rank): query, query_class, rank, path, class, distance."""
+        return [
+            {"query": self.query_paths[q], "query_class": self.query_classes[q], "rank": r + 1,
+             "path": self.gallery_paths[j], "class": self.classes[self.gallery_labels[j]],
+             "distance": float(self.distances[q, r])}
+            for q in range(len(self)) for r, j in enumerate(self.indices[q])
+        ]
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`rows` as ``.csv`` or ``.json`` (with the metric and skipped queries)."""
+        from foodlib.io import atomic_write_json, atomic_write_text
+
+        path = Path(path)
+        rows = self.rows()
+        if path.suffix.lower() == ".csv":
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=["query", "query_class", "rank", "path", "class", "distance"])
+            writer.writeheader()
+            writer.writerows(rows)
+            return atomic_write_text(path, buffer.getvalue())
+        if path.suffix.lower() == ".json":
+            return atomic_write_json(path, {"metric": self.metric, "neighbours": rows, "skipped": self.skipped})
+        raise ValueError(f"cannot save neighbours as {path.name!r}: use a .csv or .json file name")
+
+    def figure(self, max_queries: int | None = 8, cell_inches: float = 1.5):
+        """One row per query: the query image, then its neighbours with class and distance.
+
+        Neighbours of the query's own class are titled in green, others in red (grey when the
+        query's class is unknown). Images are the network's view: the evaluation center crop.
+
+        Returns:
+            A matplotlib ``Figure`` (not registered with pyplot; save it or show it in a notebook).
+        """
+        from matplotlib.figure import Figure
+
+        n_rows = len(self) if max_queries is None else min(len(self), max_queries)
+        n_cols = self.indices.shape[1] + 1
+        fig = Figure(figsize=(cell_inches * n_cols, cell_inches * 1.25 * max(n_rows, 1)), layout="constrained")
+        axes = fig.subplots(max(n_rows, 1), n_cols, squeeze=False)
+        for ax in axes.ravel():
+            ax.set_axis_off()
+        for q in range(n_rows):
+            query_class = self.query_classes[q]
+            title = "query" + (f"\n{query_class}" if query_class else "")
+            if self.query_predicted[q] is not None and self.query_predicted[q] != query_class:
+                title += f"\n-> {self.query_predicted[q]}"
+            _show(axes[q, 0], self.query_paths[q], self.image_side, title, "black")
+            for r, j in enumerate(self.indices[q]):
+                name = self.classes[self.gallery_labels[j]]
+                colour = "grey" if query_class is None else ("tab:green" if name == query_class else "tab:red")
+                _show(axes[q, r + 1], self.gallery_paths[j], self.image_side,
+                      f"{name}\nd={self.distances[q, r]:.3g}", colour)
+        fig.suptitle(f"nearest training images ({self.metric} distance)", fontsize=9)
+        return fig
+
+
+def _show(ax, path: str | None, image_size: int, title: str, colour: str) -> None:
+    ax.set_title(title, fontsize=7, color=colour)
+    if path is None:
+        return
+    try:
+        square = load_image_array(path, cache_side(image_size))  # (S, S, 3)
+    except (ImageDecodeError, OSError):
+        return
+    top = (square.shape[0] - image_size) // 2
+    ax.imshow(square[top: top + image_size, top: top + image_size])  # the eval center crop
+
+
+def nearest_neighbours(
+    run_dir: str | Path | InferenceRun,
+    queries: str | Path | Sequence[str | Path] | np.ndarray,
+    k: int = 5,
+    metric: str | None = None,
+    gallery: str = "train",
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    checkpoint: str = "best.pt",
+    progress: bool = False,
+) -> Neighbours:
+    """The ``k`` most similar gallery images (training images by default) of each query, in embedding space.
+
+    The gallery is the run's own ``features.npz`` rows of split ``gallery``, with paths from
+    ``splits/<gallery>.txt`` (checked to line up). Queries are image files / folders, embedded with
+    :func:`embed`, or an ``(Q, D)`` array of embeddings. Search: scikit-learn ``NearestNeighbors``.
+
+    Args:
+        metric: "euclidean" or "cosine"; ``None`` takes the metric the run's loss trains for
+            (:func:`trained_metric`: Euclidean for all four losses).
+        gallery: the split searched ("train", "val" or "test").
+
+    Returns:
+        :class:`Neighbours` (``.rows()``, ``.figure()``, ``.save()``); unreadable query files are
+        in ``.skipped``.
+
+    >>> found = nearest_neighbours("runs/demo/center-s0", "photos/ramen.jpg", k=5)  # doctest: +SKIP
+    >>> found.neighbour_classes(0), found.distances[0]                           # doctest: +SKIP
+    (['ramen', 'ramen', 'pho', 'ramen', 'ramen'], array([3.1, 3.4, 3.9, 4.0, 4.2], dtype=float32))
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    run = _as_run(run_dir, checkpoint, device)
+    metric = metric or run.metric
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not supported; choose one of {', '.join(METRICS)}")
+    gallery_paths, gallery_feats = _split_features(run.run_dir, gallery, run.classes)
+    gallery_embeddings = gallery_feats["embeddings"]  # (G, D)
+
+    skipped: dict[str, str] = {}
+    if isinstance(queries, np.ndarray):
+        query_embeddings = np.atleast_2d(queries).astype(np.float32)  # (Q, D)
+        query_paths: list[str | None] = [None] * len(query_embeddings)
+        query_predicted: list[str | None] = [None] * len(query_embeddings)
+    else:
+        embedded = embed(run, queries, batch_size=batch_size, progress=progress)
+        query_embeddings, query_paths, skipped = embedded.embeddings, list(embedded.paths), embedded.skipped
+        query_predicted = list(embedded.predicted)
+    if query_embeddings.shape[1] != gallery_embeddings.shape[1]:
+        raise ValueError(f"queries have {query_embeddings.shape[1]} dims but the run's embeddings have "
+                         f"{gallery_embeddings.shape[1]}; pass embeddings from this run")
+
+    k_used = min(k, len(gallery_paths))
+    if len(query_embeddings):
+        index = NearestNeighbors(n_neighbors=k_used, metric=metric).fit(gallery_embeddings)
+        distances, indices = index.kneighbors(query_embeddings)  # (Q, k) each, closest first
+    else:
+        distances, indices = np.zeros((0, k_used)), np.zeros((0, k_used), dtype=np.int64)
+    known = _known_classes(run.run_dir)
+    query_classes = [known.get(p) if p is not None else None for p in query_paths]
+    return Neighbours(query_paths, query_classes, query_predicted, indices.astype(np.int64),
+                      distances.astype(np.float32), gallery_paths, gallery_feats["labels"], run.classes, metric,
+                      run.image_size, skipped)
+
+
+def _known_classes(run_dir: Path) -> dict[str, str]:
+    """path -> class of every file in the run's split files."""
+    known: dict[str, str] = {}
+    for file in sorted((run_dir / "splits").glob("*.txt")):
+        paths, names = read_split_file(run_dir, file.stem)
+        known.update(zip(paths, names))
+    return known
+
+
+# ----- most-confused class pairs ----------------------------------------------------------------
+
+def most_confused_pairs(labels: np.ndarray, predicted: np.ndarray, num_classes: int, n: int = 3
+                        ) -> list[tuple[int, int, int]]:
+    """The ``n`` most frequent mistakes as ``(true class, predicted class, count)``, most frequent first.
+
+    Ordered pairs: "a taken for b" and "b taken for a" are separate mistakes. Pairs that never
+    occur are left out, so fewer than ``n`` may come back; ties keep the lower (true, predicted).
+
+    >>> most_confused_pairs(np.array([0, 0, 0, 1, 2, 2]), np.array([1, 1, 0, 1, 0, 2]), num_classes=3)
+    [(0, 1, 2), (2, 0, 1)]
+    """
+    from sklearn.metrics import confusion_matrix
+
+    confusion = confusion_matrix(labels, predicted, labels=np.arange(num_classes))  # (C, C): rows true
+    np.fill_diagonal(confusion, 0)
+    flat = np.argsort(-confusion.ravel(), kind="stable")[:n]
+    pairs = [(int(i // num_classes), int(i % num_classes), int(confusion.flat[i])) for i in flat]
+    return [pair for pair in pairs if pair[2] > 0]
+
+
+@dataclass
+class ConfusedPair:
+    """Images of class ``true_class`` that the run took for ``predicted_class``."""
+
+    true_class: str
+    predicted_class: str
+    count: int
+    paths: list[str]
+
+
+def confused_pairs(run_dir: str | Path | InferenceRun, split: str = "test", n: int = 3) -> list[ConfusedPair]:
+    """The run's ``n`` most-confused ordered class pairs on ``split``, with the mistaken files.
+
+    Read from ``features.npz`` (the run's own predictions) and ``splits/<split>.txt``.
+
+    >>> pairs = confused_pairs("runs/demo/center-s0", n=3)                  # doctest: +SKIP
+    >>> pairs[0].true_class, pairs[0].predicted_class, pairs[0].count        # doctest: +SKIP
+    ('pho', 'ramen', 9)
+    """
+    run_dir_path = run_dir.run_dir if isinstance(run_dir, InferenceRun) else Path(run_dir)
+    classes = [str(c) for c in json.loads((run_dir_path / "classes.json").read_text())]
+    paths, feats = _split_features(run_dir_path, split, classes)
+    predicted = feats["logits"].argmax(1)
+    out = []
+    for true, pred, count in most_confused_pairs(feats["labels"], predicted, len(classes), n):
+        members = np.flatnonzero((feats["labels"] == true) & (predicted == pred))
+        out.append(ConfusedPair(classes[true], classes[pred], count, [paths[i] for i in members]))
+    return out
+
+
+# ----- export -----------------------------------------------------------------------------------
+
+class InferenceModule(nn.Module):
+    """Model and prediction head as one module: normalised images ``(N, 3, H, W)`` -> (embedding, logits).
+
+    The form :func:`export_model` traces: float32, eval mode, no foodlib code needed to run it.
+
+    >>> from foodlib.models import create_model
+    >>> from foodlib.losses import create_loss
+    >>> module = InferenceModule(create_model("smallcnn"), create_loss("softmax", embedding_dim=256, num_classes=3))
+    >>> [t.shape for t in module.eval()(torch.zeros(2, 3, 32, 32))]
+    [torch.Size([2, 256]), torch.Size([2, 3])]
+    """
+
+    def __init__(self, model: nn.Module, loss: DiscriminativeLoss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.model(images).float()  # (N, D)
+        return embedding, self.loss.predict(embedding)  # (N, D), (N, C)
+
+
+def export_metadata(run: InferenceRun) -> dict[str, str]:
+    """The JSON texts that travel with an exported model: classes, preprocessing, model description."""
+    import foodlib
+
+    preprocessing = {
+        "input": "float32 (N, 3, image_size, image_size), RGB, normalised: (pixel / 255 - mean) / std",
+        "image_size": run.image_size,
+        "resize_side": run.side,
+        "crop_fraction": CROP_FRACTION,
+        "resize": "resize the short side to resize_side (bilinear, antialiased), take the center square, "
+                  "then the center image_size crop (image_size = crop_fraction * resize_side)",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "outputs": ["embedding (N, D) float32", "logits (N, C) float32; softmax gives class probabilities"],
+    }
+    model = {
+        "backbone": run.cfg.model.backbone, "loss": run.cfg.loss.loss, "embedding_dim": int(run.model.embedding_dim),
+        "num_classes": len(run.classes), "neighbour_metric": run.metric, "checkpoint": run.checkpoint,
+        "run_dir": str(run.run_dir), "foodlib": foodlib.__version__, "torch": torch.__version__,
+    }
+    return {"classes.json": json.dumps(run.classes), "preprocessing.json": json.dumps(preprocessing, indent=2),
+            "model.json": json.dumps(model, indent=2)}
+
+
+def export_model(
+    run_dir: str | Path | InferenceRun,
+    format: str = "torchscript",
+    out: str | Path | None = None,
+    checkpoint: str = "best.pt",
+) -> Path:
+    """Write the run's model as a self-contained file: normalised images -> (embedding, logits).
+
+    TorchScript (``torch.jit.trace`` of :class:`InferenceModule`, any batch size) carries
+    ``classes.json``, ``preprocessing.json`` (image size, resize side, mean/std, crop fraction)
+    and ``model.json`` as ``_extra_files``; ONNX (needs ``pip install onnx onnxscript``) carries
+    the same texts as ``metadata_props``. Load a TorchScript export without foodlib with
+    ``torch.jit.load(path, _extra_files={"classes.json": ""})`` (or :func:`load_exported`).
+
+    Args:
+        format: "torchscript" or "onnx".
+        out: the file to write; default ``RUN_DIR/export/model.pt`` (``.onnx`` for ONNX).
+        checkpoint: file in the run folder; ``best.pt`` by default.
+
+    >>> path = export_model("runs/demo/center-s0")                                       # doctest: +SKIP
+    >>> extra = {"classes.json": ""}                                                      # doctest: +SKIP
+    >>> scripted = torch.jit.load(path, _extra_files=extra)                               # doctest: +SKIP
+    >>> embedding, logits = scripted(torch.zeros(1, 3, 64, 64)); json.loads(extra["classes.json"])[:2]  # doctest: +SKIP
+    ['apple_pie', 'bibimbap']
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} is not supported; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "onnx":
+        _require_onnx()
+    run = _as_run(run_dir, checkpoint, "cpu")
+    suffix = ".pt" if format == "torchscript" else ".onnx"
+    out = Path(out) if out is not None else run.run_dir / "export" / f"model{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A copy: a run passed in stays on its device and dtype.
+    module = InferenceModule(copy.deepcopy(run.model), copy.deepcopy(run.loss))
+    metadata = export_metadata(run)
+    if format == "torchscript":
+        traced = trace_module(module, run.image_size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+            torch.jit.save(traced, str(out), _extra_files=metadata)
+    else:
+        with torch.no_grad():
+            _export_onnx(module.float().cpu().eval(), _example_batch(run.image_size), out, metadata)
+    return out
+
+
+def _example_batch(image_size: int) -> torch.Tensor:
+    # Two images: with batch norm in eval mode nothing depends on the batch, so any N works later.
+    return torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def trace_module(module: InferenceModule, image_size: int, check: bool = True) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``module`` (moved to CPU, float32, eval mode) for any batch size.
+
+    ``check`` re-traces and compares (torch's ``check_trace``): a guard against backbones with
+    data-dependent control flow, worth its few seconds once per export.
+
+    >>> from foodlib.models import create_model
+    >>> from foodlib.losses import create_loss
+    >>> module = InferenceModule(create_model("smallcnn"), create_loss("lgm", embedding_dim=256, num_classes=3))
+    >>> embedding, logits = trace_module(module, 32, check=False)(torch.zeros(5, 3, 32, 32))
+    >>> logits.shape
+    torch.Size([5, 3])
+    """
+    module = module.float().cpu().eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The losses' shape check (D is fixed) becomes a trace constant, as it should; and recent
+        # torch marks TorchScript deprecated, which is no news to someone asking for TorchScript.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        return torch.jit.trace(module, _example_batch(image_size), check_trace=check)
+
+
+def _require_onnx() -> None:
+    """torch's ONNX exporter needs onnx and onnxscript; neither is a foodlib dependency."""
+    import importlib
+
+    missing = []
+    for name in ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(
+            f"ONNX export needs the {' and '.join(missing)} package(s): pip install onnx onnxscript "
+            "(TorchScript export, format='torchscript', needs nothing extra)"
+        )
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(module, (example,), str(out), input_names=["images"], output_names=["embedding", "logits"],
+                      dynamic_shapes={"images": {0: batch}}, external_data=False, dynamo=True, verbose=False)
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(out))
+
+
+def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Load a TorchScript export and its metadata: ``(module, {"classes", "preprocessing", "model"})``.
+
+    Shown here for convenience; it uses nothing but ``torch.jit.load``, so the same two lines work
+    where foodlib is not installed.
+
+    >>> module, meta = load_exported("runs/demo/center-s0/export/model.pt")   # doctest: +SKIP
+    >>> meta["preprocessing"]["image_size"], meta["classes"][:2]              # doctest: +SKIP
+    (64, ['apple_pie', 'bibimbap'])
+    """
+    extra = {"classes.json": "", "preprocessing.json": "", "model.json": ""}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, {name.removesuffix(".json"): json.loads(text) for name, text in extra.items() if text}
+
+
+# ----- command line -----------------------------------------------------------------------------
+
+def _common_args(parser, paths_help: str) -> None:
+    parser.add_argument("run_dir", help="a finished run folder (with best.pt)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--device", default="auto", help="auto (GPU if any) | cpu | cuda | cuda:N")
+    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _report_skipped(skipped: dict[str, str]) -> None:
+    import sys
+
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        for path, reason in skipped.items():
+            print(f"  {path}: {reason}", file=sys.stderr)
+
+
+def _cli_errors(run):
+    """Turn the errors a user can fix (bad checkpoint, missing onnx, bad option) into exit code 2."""
+    import functools
+    import sys
+
+    @functools.wraps(run)
+    def wrapper(args) -> int:
+        from foodlib.train import CheckpointError
+
+        try:
+            return run(args)
+        except (CheckpointError, ImportError, ValueError) as error:
+            print(f"foodlib {args.command}: error: {error}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def _predict_args(parser) -> None:
+    _common_args(parser, "image files or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--out", help="also write the predictions to this .csv or .json file")
+
+
+@command("predict", "top-k classes with probabilities for images, from a run's best checkpoint", _predict_args)
+@_cli_errors
+def run_predict(args) -> int:
+    preds = predict(args.run_dir, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+                    checkpoint=args.checkpoint, progress=not args.quiet)
+    print(preds.table())
+    _report_skipped(preds.skipped)
+    if args.out:
+        print(f"wrote {preds.save(args.out)}")
+    return 0 if len(preds) else 1
+
+
+def _embed_args(parser) -> None:
+    _common_args(parser, "image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, help="the .npz to write (paths, embeddings, logits, classes)")
+
+
+@command("embed", "embeddings and prediction logits of images, saved as .npz", _embed_args)
+@_cli_errors
+def run_embed(args) -> int:
+    result = embed(args.run_dir, args.paths, out=args.out, batch_size=args.batch_size, device=args.device,
+                   checkpoint=args.checkpoint, progress=not args.quiet)
+    _report_skipped(result.skipped)
+    print(f"wrote {len(result)} embeddings ({result.embeddings.shape[1]} dims) to {args.out}")
+    return 0 if len(result) else 1
+
+
+def _neighbours_args(parser) -> None:
+    _common_args(parser, "query image files or folders")
+    parser.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="distance (default: the one the run's loss trains for, euclidean)")
+    parser.add_argument("--gallery", default="train", help="split searched: train (default), val or test")
+    parser.add_argument("--out", help="write the neighbours to this .csv or .json file")
+    parser.add_argument("--figure", help="save the figure (query, neighbours, classes, distances) to this file")
+
+
+@command("neighbours", "the most similar training images of query images, in a run's embedding space",
+         _neighbours_args)
+@_cli_errors
+def run_neighbours(args) -> int:
+    result = nearest_neighbours(args.run_dir, args.paths, k=args.k, metric=args.metric, gallery=args.gallery,
+                                batch_size=args.batch_size, device=args.device, checkpoint=args.checkpoint,
+                                progress=not args.quiet)
+    for q in range(len(result)):
+        print(f"{result.query_paths[q]} ({result.metric} distance):")
+        for r, (path, name) in enumerate(zip(result.neighbour_paths(q), result.neighbour_classes(q))):
+            print(f"  {r + 1}. {result.distances[q, r]:.4g}  {name}  {path}")
+    _report_skipped(result.skipped)
+    if args.out:
+        print(f"wrote {result.save(args.out)}")
+    if args.figure:
+        result.figure(max_queries=None).savefig(args.figure, dpi=150)
+        print(f"wrote {args.figure}")
+    return 0 if len(result) else 1
+
+
+def _export_args(parser) -> None:
+    parser.add_argument("run_dir", help="a finished run folder (with best.pt)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript",
+                        help="torchscript (default; loads with torch.jit.load) or onnx (needs onnx, onnxscript)")
+    parser.add_argument("--out", help="file to write (default RUN_DIR/export/model.pt or .onnx)")
+    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
+
+
+@command("export", "export a run's model (images -> embedding, logits) with its class names", _export_args)
+@_cli_errors
+def run_export(args) -> int:
+    path = export_model(args.run_dir, format=args.format, out=args.out, checkpoint=args.checkpoint)
+    print(f"wrote {path}")
+    return 0
