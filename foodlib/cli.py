@@ -121,13 +121,24 @@ def _load_optional_commands() -> None:
                 raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    from foodlib.config import ConfigError
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (config, data, run folder): one line and exit code 2, no traceback.
 
+    ValueError covers ConfigError, BadFilesError, ClassMismatchError and the value checks of the
+    losses and models. Imported only once an error happened, so the CLI starts fast.
+    """
+    from foodlib.train import CheckpointError, NonFiniteLossError
+
+    return ValueError, FileNotFoundError, FileExistsError, CheckpointError, NonFiniteLossError
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         print(f"foodlib {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -182,6 +182,27 @@ class Config:
             )
         if self.model.embedding_dim is not None and self.model.embedding_dim < 2:
             raise ConfigError(f"embedding_dim={self.model.embedding_dim!r} must be >= 2 (or None for the backbone's width)")
+        self._validate_registry_names()
+
+    def _validate_registry_names(self) -> None:
+        """Check ``loss`` and ``backbone`` against the registries, so a typo fails before any data loads.
+
+        Imported here, not at module level: the registries pull in torch, and the config module
+        stays light for code that only reads or writes YAML.
+        """
+        from foodlib.losses import list_losses
+        from foodlib.models import list_models
+
+        if self.loss.loss not in list_losses():
+            raise ConfigError(
+                f"loss={self.loss.loss!r} is not a registered loss; choose one of {list_losses()}"
+            )
+        backbone = self.model.backbone
+        if backbone not in list_models() and not (backbone.startswith("timm/") and len(backbone) > len("timm/")):
+            raise ConfigError(
+                f"backbone={backbone!r} is not a registered backbone; choose one of {list_models()} "
+                "or timm/<name> for any timm model"
+            )
 
     def get(self, name: str) -> Any:
         section, _ = self.field_index()[name]

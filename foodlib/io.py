@@ -7,26 +7,74 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+# mkstemp creates files readable by their owner only; finished files get the usual permissions.
+# The umask can only be read by setting it, so that happens once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ".last.pt.k3j9_x0q.tmp": mkstemp's 8 random characters
+
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    If ``write`` raises, ``path`` keeps its old content (or stays absent) and the temporary file is
+    removed. A process killed mid-write leaves only a hidden ``.NAME.*.tmp`` file, which
+    :func:`remove_stale_temp_files` clears.
+
+    >>> atomic_write(Path(tmp) / "notes.txt", lambda f: f.write(b"hello"))   # doctest: +SKIP
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist the rename itself: without this a power cut can undo it on some filesystems (ext4)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open folders (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder``; returns them.
+
+    Only names of the form ``.NAME.XXXXXXXX.tmp`` (what :func:`atomic_write` creates) are touched.
+
+    >>> remove_stale_temp_files("runs/try")   # doctest: +SKIP
+    [PosixPath('runs/try/.last.pt.k3j9_x0q.tmp')]
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and _TEMP_NAME.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -30,7 +30,7 @@ from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, train_transform
 from foodlib.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
-from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
 
@@ -130,7 +130,7 @@ def loss_kwargs(cfg: Config) -> dict[str, Any]:
     """The loss settings of the config; None means "the loss's own default" and is left out."""
     c = cfg.loss
     kw = dict(lam=c.lam, alpha=c.alpha, update=c.update, covariance=c.covariance, lam_island=c.lam_island,
-              alpha_warmup_epochs=c.alpha_warmup_epochs)
+              alpha_warmup_epochs=c.alpha_warmup_epochs, lam_warmup_epochs=c.lam_warmup_epochs)
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -140,6 +140,19 @@ def build_model_and_loss(cfg: Config, num_classes: int) -> tuple[EmbeddingNet, D
     loss = create_loss(cfg.loss.loss, embedding_dim=model.embedding_dim, num_classes=num_classes, strict=False,
                        **loss_kwargs(cfg))
     return model, loss
+
+
+def non_finite_tensors(model: nn.Module, loss: DiscriminativeLoss) -> list[str]:
+    """Names of floating-point parameters and buffers (BatchNorm statistics, centers) holding NaN or inf."""
+    named = [*model.state_dict().items(), *((f"loss.{k}", v) for k, v in loss.state_dict().items())]
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def kept_checkpoint(last_path: Path, epoch: int) -> str:
+    """What survives a run stopped during (0-based) ``epoch``, for error messages."""
+    if epoch == 0:
+        return "no epoch finished, so there is no checkpoint"
+    return f"{last_path} holds the last good epoch ({epoch})"
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
@@ -170,9 +183,14 @@ def summarise_stats(sums: torch.Tensor, term_names) -> dict[str, float]:
     return out
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A well-mixed 32-bit seed for (seed, epoch, rank): every random draw of an epoch derives from it."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """The augmentation random stream of one epoch on one rank."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def _git_commit() -> str | None:
@@ -209,6 +227,59 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+#: Config fields a resumed run may change: they do not alter what is computed during training.
+#: ``epochs`` may only grow (the lr schedule then stretches from the resumed step on).
+RESUME_FREE_FIELDS = frozenset({
+    "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
+    "eval_test", "features", "figures",
+})
+
+#: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
+RESUME_KEYS = ("config", "classes", "model", "loss", "optimizer", "scaler", "center_optimizer", "epoch",
+               "best_top1", "best_epoch", "trace")
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Raise ConfigError naming every field where ``cfg`` differs from the run saved in ``path``.
+
+    Resuming with another loss, lr, seed or data would silently splice two different runs.
+
+    >>> saved = Config.from_flat(epochs=10).to_dict()
+    >>> check_resume_config(saved, Config.from_flat(epochs=20, workers=0), Path("last.pt"))  # allowed
+    >>> check_resume_config(saved, Config.from_flat(epochs=10, lr=0.1), Path("last.pt"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    foodlib.config.ConfigError: cannot resume last.pt with a different config: lr=0.1 (the run used 0.002)...
+    """
+    # A field the saved config lacks (added to foodlib after the run started) counts as its
+    # default, which is how the older code behaved; fields foodlib no longer has are ignored.
+    saved_flat = {**Config().to_flat(),
+                  **{k: v for section in saved.values() if isinstance(section, dict) for k, v in section.items()}}
+    current = cfg.to_flat()
+    differing = [
+        f"{name}={current[name]!r} (the run used {saved_flat[name]!r})"
+        for name in current
+        if name not in RESUME_FREE_FIELDS and saved_flat[name] != current[name]
+    ]
+    saved_epochs = saved_flat.get("epochs")
+    if isinstance(saved_epochs, int) and cfg.train.epochs < saved_epochs:
+        differing.append(f"epochs={cfg.train.epochs} (the run used {saved_epochs}; epochs may only grow)")
+    if differing:
+        raise ConfigError(
+            f"cannot resume {path} with a different config: {'; '.join(differing)}. "
+            "Use the run's own config.yaml (--config), or train into a new out folder."
+        )
+
+
+def read_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
+    """``last.pt`` checked for resuming ``cfg``: readable, complete, and trained with the same config."""
+    ckpt = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing} and cannot be resumed; it is not a foodlib last.pt")
+    check_resume_config(ckpt["config"], cfg, path)
+    return ckpt
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a foodlib checkpoint, with a clear error for a missing, truncated or foreign file."""
     path = Path(path)
@@ -223,6 +294,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from error
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a foodlib checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [key for key in ("config", "classes", "model", "loss", "epoch") if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}; it is damaged or from another program")
     return ckpt
 
 
@@ -238,6 +312,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     model.eval()
+    loss.eval()  # the loop sets both back to train mode at the next epoch
     sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
     for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -276,8 +351,12 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
             f"{run_dir} already holds a run (last.pt). Pass resume=True (--resume) to continue it, "
             "or choose another out folder."
         )
+    # Read and check last.pt before anything in the folder is rewritten: a refused resume must
+    # leave the run's config.yaml and run.json as they were.
+    resume_ckpt = read_resume_checkpoint(last_path, cfg) if cfg.train.resume and last_path.exists() else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(run_dir)  # half-written files of a killed run; the real ones are intact
         cfg.to_yaml(run_dir / "config.yaml")
         atomic_write_json(run_dir / "run.json", run_info(cfg, device, info))
 
@@ -315,12 +394,17 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
 
     # -- resume ------------------------------------------------------------------------------
     start_epoch, best_top1, best_epoch, trace = 0, -1.0, -1, []
-    if cfg.train.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # peak lrs: read before a resumed state overwrites them
+    if resume_ckpt is not None:
+        ckpt = resume_ckpt
         if ckpt["classes"] != data.classes:
+            only_ckpt = sorted(set(ckpt["classes"]) - set(data.classes))
+            only_data = sorted(set(data.classes) - set(ckpt["classes"]))
             raise CheckpointError(
-                f"{last_path} was trained on classes {ckpt['classes'][:5]}... but the data has {data.classes[:5]}...; "
-                "resume with the same data"
+                f"{last_path} was trained on {len(ckpt['classes'])} classes, the data {cfg.data.data!r} has "
+                f"{len(data.classes)}: only in the checkpoint {only_ckpt[:10]}, only in the data {only_data[:10]}"
+                + ("" if only_ckpt or only_data else " (same names, different order)")
+                + "; resume with the data the run was trained on"
             )
         model.load_state_dict(ckpt["model"])
         loss.load_state_dict(ckpt["loss"])
@@ -331,13 +415,14 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
         start_epoch, best_top1, best_epoch, trace = ckpt["epoch"], ckpt["best_top1"], ckpt["best_epoch"], ckpt["trace"]
         log(f"resuming {run_dir} after epoch {start_epoch} (best val top-1 {best_top1:.4f} at epoch {best_epoch})")
 
-    base_lam = getattr(loss, "lam", None)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     for epoch in range(start_epoch, cfg.train.epochs):
         # -- schedules -----------------------------------------------------------------------
+        # Everything below is a function of (seed, epoch), never of what ran before in this
+        # process, so resuming from last.pt replays the interrupted epoch exactly: lam / margin
+        # warm-ups (set_progress), shuffling (set_epoch), augmentation (generator), and any other
+        # draw from torch's global generator (dropout in timm backbones, DataLoader worker seeds).
         loss.set_progress(epoch, cfg.train.epochs)
-        if base_lam is not None and cfg.loss.lam_warmup_epochs:
-            loss.lam = base_lam * min(1.0, epoch / cfg.loss.lam_warmup_epochs)
+        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, info.rank))
         train_loader.set_epoch(epoch)
         generator = epoch_generator(cfg.train.seed, epoch, info.rank)
         augment = augment_options(cfg.train.augment)
@@ -366,8 +451,9 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
             if not torch.isfinite(out.loss):
                 bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                 raise NonFiniteLossError(
-                    f"loss is {float(out.loss)} at epoch {epoch + 1}, step {step + 1} (term(s): {', '.join(bad)}); "
-                    f"the run stopped, {last_path} holds the last good epoch. Lower lr or lam, or check the data."
+                    f"loss is {float(out.loss.detach())} at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch} "
+                    f"(non-finite term(s): {', '.join(bad)}); the run stopped and {kept_checkpoint(last_path, epoch)}. "
+                    "Lower lr or lam, or check the data."
                 )
 
             optimizer.zero_grad(set_to_none=True)
@@ -382,7 +468,7 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
 
             sums += batch_stats(out, out.logits.detach(), labels, loss.term_names)  # training logits (margin on)
             if progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{float(out.loss):.3f}", top1=f"{float(sums[1] / sums[0]):.3f}")
+                bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", top1=f"{float(sums[1] / sums[0]):.3f}")
         train = summarise_stats(sums, loss.term_names)
         seconds = time.time() - t_epoch
         row = {"epoch": epoch + 1, "split": "train", "lr": optimizer.param_groups[0]["lr"],
@@ -407,6 +493,15 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
             + f" | {row['img_per_s']:.0f} img/s")
 
         # -- checkpoints ---------------------------------------------------------------------
+        # A NaN gradient on the epoch's last step leaves non-finite weights behind a finite loss;
+        # checked once per epoch so that damaged weights never replace the last good last.pt.
+        damaged = non_finite_tensors(model, loss)
+        if damaged:
+            raise NonFiniteLossError(
+                f"after epoch {epoch + 1} (step {steps_per_epoch} of {steps_per_epoch}) these weights are NaN or "
+                f"infinite: {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}; the run stopped and "
+                f"{kept_checkpoint(last_path, epoch)}. Lower lr or lam, or check the data."
+            )
         improved = score > best_top1
         if improved:
             best_top1, best_epoch = score, epoch + 1

@@ -143,17 +143,23 @@ def _decode_check(paths: list[str], cfg, progress: bool) -> dict[str, str]:
     from foodlib.data.scan import scan_cached
 
     kind, root = resolve_data_root(cfg.data.data, cfg)
-    report = scan_cached(root, cfg.data.cache_dir or default_cache_dir(), progress=progress)
+    scan_root = root / "images" if kind == "food101" else root  # Food-101 keeps its images in images/<class>/
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    report = scan_cached(scan_root, cache_dir / "scans", progress=progress)
     wanted = set(paths)
     return {p: why for p, why in _report_errors(report).items() if p in wanted}
 
 
 def _report_errors(report) -> dict[str, str]:
-    errors = {}
-    for problem in report.problems:
-        if problem.severity == "error" and problem.path:
-            errors[str(problem.path)] = f"{problem.kind}: {problem.detail}"
-    return errors
+    """Unusable files of a scan report as {absolute path: "kind: detail"}, in the index's path form.
+
+    The report names files relative to its root; the index joins names to the *resolved* root, so
+    the root is resolved here too (a dataset reached through a symlinked folder still matches).
+    Folder-level errors (an empty class folder) match no file and drop out in the caller.
+    """
+    root = Path(report.root).resolve()
+    return {str(root / problem.path): f"{problem.kind}: {problem.detail}"
+            for problem in report.errors if problem.path}
 
 
 def _write_run_files(run_dir: Path, index: DatasetIndex, errors: dict[str, str]) -> None:

@@ -1,0 +1,471 @@
+"""Bad inputs and crashes: damaged image files, invalid configs, damaged checkpoints, NaN losses, killed writes.
+
+Every bad input is made by the test itself: a truncated JPEG, a zero-byte file, a text file named
+.jpg, a checkpoint cut in half, a writer that dies mid-write.
+"""
+import json
+import math
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import foodlib.train as train_module
+from conftest import tiny_config
+from foodlib.cli import main as cli_main
+from foodlib.config import Config, ConfigError
+from foodlib.data import BadFilesError
+from foodlib.io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from foodlib.losses import LossOutput, create_loss
+from foodlib.models import create_model
+from foodlib.train import CheckpointError, NonFiniteLossError, fit, load_checkpoint, load_run
+
+CLASSES = ("apple", "bread")
+TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 4
+
+
+def make_image_folder(root: Path, bad_files: bool = True) -> dict[str, str]:
+    """An ImageFolder with 2 classes of 48 px JPEGs; with ``bad_files``, three unusable files.
+
+    Returns {absolute path of each bad file: a word its reason must contain}.
+    """
+    rng = np.random.default_rng(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = (rng.random((48, 48, 3)) * 60 + label * 150).astype(np.uint8)  # dark vs bright class
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    if not bad_files:
+        return {}
+    root = root.resolve()
+    whole = (root / "train/apple/0.jpg").read_bytes()
+    (root / "train/apple/truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "train/apple/empty.jpg").write_bytes(b"")
+    (root / "train/bread/notes.jpg").write_text("shopping list: flour, yeast\n")
+    return {str(root / "train/apple/truncated.jpg"): "truncated", str(root / "train/apple/empty.jpg"): "empty",
+            str(root / "train/bread/notes.jpg"): "not an image"}
+
+
+def folder_config(tmp_path: Path, data: Path, **overrides) -> Config:
+    base = dict(data=str(data), image_size=32, backbone="smallcnn", epochs=1, batch_size=8, workers=0, quiet=True,
+                features=False, figures=False, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    base.update(overrides)
+    return Config.from_flat(**base)
+
+
+def read_bad_files(run_dir: Path) -> dict[str, str]:
+    lines = (run_dir / "bad_files.txt").read_text().splitlines()
+    return dict(line.split("\t", 1) for line in lines)
+
+
+# ----- atomic writes ---------------------------------------------------------------------------
+
+class _WriterDied(Exception):
+    pass
+
+
+def half_then_die(handle):
+    handle.write(b'{"new": tr')
+    raise _WriterDied
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_dies_mid_write(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text('{"old": true}\n')
+    with pytest.raises(_WriterDied):
+        atomic_write(target, half_then_die)
+    assert target.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temporary file left
+
+
+def test_atomic_write_of_a_new_file_leaves_nothing_when_the_writer_dies(tmp_path):
+    with pytest.raises(_WriterDied):
+        atomic_write(tmp_path / "sub" / "new.bin", half_then_die)
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_atomic_torch_save_keeps_the_old_checkpoint_when_pickling_fails(tmp_path):
+    target = tmp_path / "last.pt"
+    atomic_torch_save(target, {"epoch": 1, "weights": torch.arange(3.0)})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise _WriterDied("cannot pickle")
+
+    with pytest.raises(_WriterDied):
+        atomic_torch_save(target, {"epoch": 2, "weights": torch.zeros(1000), "bad": Unpicklable()})
+    saved = torch.load(target, weights_only=False)
+    assert saved["epoch"] == 1 and torch.equal(saved["weights"], torch.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_atomic_writes_round_trip_and_get_ordinary_permissions(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "héllo\n")
+    atomic_write_json(tmp_path / "b.json", {"top1": 0.5})
+    assert (tmp_path / "a.txt").read_text() == "héllo\n"
+    assert json.loads((tmp_path / "b.json").read_text()) == {"top1": 0.5}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # mkstemp makes 0600 files; a finished file must be readable like any other (0644 with umask 022)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_remove_stale_temp_files_removes_only_what_atomic_write_leaves(tmp_path):
+    stale = tmp_path / ".last.pt.a1b2c3d4.tmp"
+    stale.write_bytes(b"half")
+    keep = [tmp_path / "last.pt", tmp_path / ".notes.tmp", tmp_path / "x.a1b2c3d4.tmp"]
+    for path in keep:
+        path.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert not stale.exists() and all(path.exists() for path in keep)
+
+
+# ----- damaged checkpoints ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished one-epoch run on the embedded dishes; tests copy it before damaging anything."""
+    return fit(tiny_config(tmp_path_factory.mktemp("finished"), epochs=1, features=False)).run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def truncate_to_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_best_pt_gives_a_checkpoint_error_naming_the_file(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    truncate_to_half(run / "best.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_run(run)
+    assert str(run / "best.pt") in str(error.value)
+    assert "corrupt or truncated" in str(error.value)
+
+
+def test_truncated_last_pt_stops_resume_with_the_path_and_the_cli_exits_2(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    truncate_to_half(run / "last.pt")
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as error:
+        fit(tiny_config(tmp_path, epochs=2, resume=True, features=False))
+    assert str(run / "last.pt") in str(error.value)
+
+    code = cli_main(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--epochs", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(run / "last.pt") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "corrupt or truncated"),
+    (b"this is not a zip archive", "corrupt or truncated"),
+    ("list", "not a foodlib checkpoint"),
+    ("dict-without-weights", "lacks ['model', 'loss']"),
+])
+def test_foreign_or_garbage_checkpoints_are_named(tmp_path, content, words):
+    path = tmp_path / "best.pt"
+    if content == "list":
+        torch.save([1, 2, 3], path)
+    elif content == "dict-without-weights":
+        torch.save({"format": train_module.CHECKPOINT_FORMAT, "config": {}, "classes": ["a", "b"], "epoch": 1}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value) and words in str(error.value)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "best.pt")
+
+
+# ----- damaged image files ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded-cache", "uncached-scan"])
+def test_training_skips_and_lists_bad_files(tmp_path, cache):
+    expected = make_image_folder(tmp_path / "data")
+    result = fit(folder_config(tmp_path, tmp_path / "data", cache=cache))
+
+    listed = read_bad_files(result.run_dir)
+    assert set(listed) == set(expected)
+    for path, word in expected.items():
+        assert word in listed[path], listed[path]
+    assert result.metrics["bad_files"] == 3
+    usable = 2 * TRAIN_PER_CLASS  # every good train image, in train or val
+    assert len(result.data.labels("train")) + len(result.data.labels("val")) == usable
+    assert result.metrics["test"]["n"] == 2 * TEST_PER_CLASS
+    split_files = "".join((result.run_dir / "splits" / f"{s}.txt").read_text() for s in ("train", "val"))
+    assert not any(path in split_files for path in expected)
+    assert (result.run_dir / "metrics.json").is_file() and (result.run_dir / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded-cache", "uncached-scan"])
+def test_bad_files_fail_policy_raises_listing_every_file(tmp_path, cache):
+    expected = make_image_folder(tmp_path / "data")
+    with pytest.raises(BadFilesError) as error:
+        fit(folder_config(tmp_path, tmp_path / "data", cache=cache, bad_files="fail"))
+    message = str(error.value)
+    assert message.startswith("3 unreadable image file(s)")
+    for path in expected:
+        assert path in message
+    assert "bad_files='skip'" in message
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_bad_files_fail_policy_through_the_cli_exits_2_with_the_list(tmp_path, capsys):
+    expected = make_image_folder(tmp_path / "data")
+    code = cli_main(["train", "--data", str(tmp_path / "data"), "--bad-files", "fail", "--image-size", "32",
+                     "--backbone", "smallcnn", "--quiet", "--out", str(tmp_path / "run"),
+                     "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("foodlib train: error: 3 unreadable image file(s)")
+    assert all(path in err for path in expected) and "Traceback" not in err
+
+
+def test_data_check_cli_exit_codes_and_report(tmp_path, capsys):
+    expected = make_image_folder(tmp_path / "bad")
+    make_image_folder(tmp_path / "clean", bad_files=False)
+
+    assert cli_main(["data-check", str(tmp_path / "bad")]) == 0  # a report, not a verdict
+    out = capsys.readouterr().out
+    for path in expected:
+        assert Path(path).name in out
+    assert cli_main(["data-check", str(tmp_path / "bad"), "--fail-on-error"]) == 1
+    assert cli_main(["data-check", str(tmp_path / "clean"), "--fail-on-error"]) == 0
+    capsys.readouterr()
+    assert cli_main(["data-check", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+    assert cli_main(["data-check", str(tmp_path / "bad"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {str(Path(p).resolve()) for p in report["bad_files"]} == set(expected)
+    assert report["summary"] == {"not_image": 1, "truncated": 1, "zero_byte": 1}
+
+
+def test_data_check_reports_odd_but_usable_files_and_structure(tmp_path, capsys):
+    root = tmp_path / "odd"
+    make_image_folder(root, bad_files=False)
+    Image.new("RGB", (48, 48), (200, 10, 10)).save(root / "train/apple/really_a_png.jpg", format="PNG")
+    Image.new("L", (48, 48), 128).save(root / "train/bread/grey.jpg")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "train/bread/tiny.jpg")
+    shutil.copy(root / "train/apple/3.jpg", root / "test/apple/leaked.jpg")
+    (root / "train/cake").mkdir()  # empty class folder in train, missing from test
+    assert cli_main(["data-check", str(root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    for kind in ("wrong_extension", "unusual_mode", "tiny", "duplicate_across_splits", "empty_class", "missing_class"):
+        assert summary.get(kind, 0) >= 1, (kind, summary)
+
+
+# ----- invalid configs: one clear message naming the field, the value and the choices ------------
+
+CONFIG_ERRORS = [
+    (dict(loss="arcface"), ["loss='arcface'", "center", "island", "lgm", "softmax"]),
+    (dict(backbone="resnet99"), ["backbone='resnet99'", "resnet18", "resnet50", "smallcnn", "timm/<name>"]),
+    (dict(optimizer="adam"), ["optimizer='adam'", "adagrad", "adamw", "sgd"]),
+    (dict(lam=-0.1), ["lam=-0.1", "[0.0, inf]"]),
+    (dict(loss="center", alpha=1.5), ["alpha=1.5", "(0, 1]"]),
+    (dict(loss="island", alpha=0.0), ["alpha=0.0", "(0, 1]"]),
+    (dict(embedding_dim=1), ["embedding_dim=1", ">= 2"]),
+    (dict(lam=float("nan")), ["lam=nan"]),
+]
+
+
+@pytest.mark.parametrize("overrides, words", CONFIG_ERRORS)
+def test_config_errors_name_field_value_and_choices(overrides, words):
+    with pytest.raises(ConfigError) as error:
+        Config.from_flat(**overrides)
+    for word in words:
+        assert word in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, words", CONFIG_ERRORS)
+def test_cli_train_config_errors_exit_2_with_one_line(tmp_path, capsys, overrides, words):
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in overrides.items()]
+    code = cli_main(["train", *flags, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("foodlib train: error: ") and err.count("\n") == 1
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "run").exists()  # nothing is written for an invalid config
+
+
+def test_valid_timm_name_passes_validation_without_timm():
+    # timm/<name> is checked when the model is built (timm may not be installed where configs are written)
+    assert Config.from_flat(backbone="timm/convnext_tiny").model.backbone == "timm/convnext_tiny"
+    with pytest.raises(ConfigError, match="backbone='timm/'"):
+        Config.from_flat(backbone="timm/")
+
+
+def test_missing_data_folder_names_the_value_and_the_choices(tmp_path, capsys):
+    missing = tmp_path / "no-such-photos"
+    with pytest.raises(FileNotFoundError) as error:
+        fit(folder_config(tmp_path, missing))
+    for word in (f"data={str(missing)!r}", "dishes", "digits", "food101:ROOT"):
+        assert word in str(error.value)
+    assert cli_main(["train", "--data", str(missing), "--out", str(tmp_path / "run2")]) == 2
+    assert "no-such-photos" in capsys.readouterr().err
+
+
+def test_factories_list_the_valid_names():
+    with pytest.raises(ValueError) as error:
+        create_loss("arcface", embedding_dim=2, num_classes=3)
+    assert "'arcface'" in str(error.value) and "center, island, lgm, softmax" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        create_model("resnet99")
+    assert "'resnet99'" in str(error.value) and "smallcnn" in str(error.value)
+
+
+def test_resume_on_data_with_other_classes_names_the_classes(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    fit(folder_config(tmp_path, data))
+    for split in ("train", "test"):
+        (data / split / "bread").rename(data / split / "cake")
+    with pytest.raises(train_module.CheckpointError) as error:
+        fit(folder_config(tmp_path, data, epochs=2, resume=True))
+    message = str(error.value)
+    assert str(tmp_path / "run" / "last.pt") in message
+    assert "only in the checkpoint ['bread']" in message and "only in the data ['cake']" in message
+
+    code = cli_main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "--epochs", "2", "--resume"])
+    assert code == 2 and "only in the data ['cake']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [
+    BadFilesError("2 unreadable image file(s): a.jpg, b.jpg"),
+    CheckpointError("checkpoint runs/x/last.pt is corrupt or truncated"),
+    ValueError("CenterLoss: lam must be a number in [0.0, inf), got lam=-1"),
+    NonFiniteLossError("loss is nan at epoch 2, step 3 of 6 (non-finite term(s): ce)"),
+    FileExistsError("runs/x already holds a run (last.pt)"),
+], ids=lambda e: type(e).__name__)
+def test_cli_turns_input_errors_into_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, error):
+    def failing_fit(cfg, data=None):
+        raise error
+
+    monkeypatch.setattr(train_module, "fit", failing_fit)
+    assert cli_main(["train", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"foodlib train: error: {error}\n"
+
+
+def test_cli_lets_programming_errors_raise_with_their_traceback(tmp_path, monkeypatch):
+    def failing_fit(cfg, data=None):
+        raise KeyError("a bug, not a bad input")
+
+    monkeypatch.setattr(train_module, "fit", failing_fit)
+    with pytest.raises(KeyError):
+        cli_main(["train", "--out", str(tmp_path / "run")])
+
+
+# ----- NaN / infinite loss ----------------------------------------------------------------------
+
+def make_loss_non_finite_at(monkeypatch, step: int, term: str, value: float = math.nan) -> None:
+    """The ``step``-th training forward (1-based, over all epochs) returns ``value`` in ``term`` and the total."""
+    create = train_module.create_loss
+    calls = {"n": 0}
+
+    def create_poisoned(*args, **kwargs):
+        loss = create(*args, **kwargs)
+        forward = loss.forward
+
+        def poisoned_forward(embedding, labels):
+            out = forward(embedding, labels)
+            if loss.training:
+                calls["n"] += 1
+                if calls["n"] == step:
+                    bad = out.terms[term] * value
+                    return LossOutput(out.loss + bad, out.logits, {**out.terms, term: bad})
+            return out
+
+        loss.forward = poisoned_forward
+        return loss
+
+    monkeypatch.setattr(train_module, "create_loss", create_poisoned)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from foodlib.data import load_data
+
+    cfg = tiny_config(tmp_path, loss="center", epochs=3, features=False)
+    steps_per_epoch = len(load_data(cfg, progress=False).loader("train", cfg.train.batch_size, shuffle=True))
+    make_loss_non_finite_at(monkeypatch, steps_per_epoch + 2, term="center")  # epoch 2, step 2
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(cfg)
+    message = str(error.value)
+    run = tmp_path / "run"
+    assert f"epoch 2, step 2 of {steps_per_epoch}" in message
+    assert "non-finite term(s): center)" in message and "loss is nan" in message
+    assert f"{run / 'last.pt'} holds the last good epoch (1)" in message
+
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 1 and load_checkpoint(run / "best.pt")["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in last["loss"].values())
+    assert not (run / "metrics.json").exists()
+    model, loss, _, _ = load_run(run, "last.pt")  # the kept checkpoint is usable
+    assert torch.isfinite(loss.predict(model(torch.zeros(2, 3, 32, 32)))).all()
+
+
+def test_infinite_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, monkeypatch):
+    make_loss_non_finite_at(monkeypatch, 1, term="ce", value=math.inf)
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(tiny_config(tmp_path, epochs=1, features=False))
+    message = str(error.value)
+    assert "loss is inf at epoch 1, step 1" in message and "(non-finite term(s): ce)" in message
+    assert "no epoch finished, so there is no checkpoint" in message
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nan_gradient_on_an_epochs_last_step_never_becomes_last_pt(tmp_path, monkeypatch):
+    """The loss stays finite but its gradient is NaN: the weights break after the step, not the loss."""
+    from foodlib.data import load_data
+
+    cfg = tiny_config(tmp_path, epochs=3, features=False)
+    steps_per_epoch = len(load_data(cfg, progress=False).loader("train", cfg.train.batch_size, shuffle=True))
+    create = train_module.create_loss
+    calls = {"n": 0}
+
+    def create_poisoned(*args, **kwargs):
+        loss = create(*args, **kwargs)
+        forward = loss.forward
+
+        def poisoned_forward(embedding, labels):
+            out = forward(embedding, labels)
+            if loss.training:
+                calls["n"] += 1
+                if calls["n"] == 2 * steps_per_epoch:  # the last step of epoch 2
+                    # sqrt(u) at u = 0: the value is 0, the gradient 0 * inf = NaN
+                    zero_with_nan_gradient = torch.sqrt(((embedding - embedding.detach()) ** 2).sum())
+                    return LossOutput(out.loss + zero_with_nan_gradient, out.logits, out.terms)
+            return out
+
+        loss.forward = poisoned_forward
+        return loss
+
+    monkeypatch.setattr(train_module, "create_loss", create_poisoned)
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(cfg)
+    message = str(error.value)
+    assert f"after epoch 2 (step {steps_per_epoch} of {steps_per_epoch})" in message
+    assert "weights are NaN or infinite: " in message and "holds the last good epoch (1)" in message
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+
+
+def test_a_diverging_lr_is_caught_as_a_non_finite_loss(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at epoch 1, step \d+"):
+        fit(tiny_config(tmp_path, optimizer="sgd", lr=1e12, momentum=0.0, schedule="constant", epochs=1,
+                        features=False))
