@@ -79,6 +79,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where supported, fp16 on older GPUs, off on CPU) | bf16 | fp16 | off
     channels_last: bool = True  # NHWC memory layout: faster convolutions on GPU and recent CPUs
     compile: bool = False  # torch.compile the model (slow start, faster steps on long GPU runs)
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     augment: str = "standard"  # none | flip | standard (random resized crop + flip) | strong (+ colour)
     workers: int = 2  # threads that gather batches from the cache / decode images
     out: str = "runs/default"  # run folder

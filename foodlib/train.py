@@ -29,7 +29,9 @@ from torch import nn
 from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, train_transform
-from foodlib.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
+from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
+                                 check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
+                                 setup_distributed, wrap_ddp)
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
@@ -362,8 +364,10 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
 
     # -- data, model, loss, optimizers --------------------------------------------------------
     if data is None:
-        data = load_data(cfg, run_dir if main else None, progress=progress)
+        # rank 0 generates / decodes first, the other ranks then reuse its files (no K-fold work)
+        data = in_turns(load_data, cfg, run_dir if main else None, progress=progress)
     model, loss = build_model_and_loss(cfg, data.num_classes)
+    model = maybe_sync_batchnorm(model, cfg.train.sync_bn, device, info.world_size)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     loss = loss.to(device)
@@ -389,7 +393,7 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     # synchronised like the network's; paper-mode centers all-reduce inside update_centers().
     step_module = _ModelAndLoss(model, loss)
     if info.enabled:
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if cuda else None)
+        step_module = wrap_ddp(step_module, device)  # no per-step buffer broadcast: see its docstring
     forward = torch.compile(step_module) if cfg.train.compile else step_module
 
     # -- resume ------------------------------------------------------------------------------
@@ -476,6 +480,8 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
                "seconds": round(seconds, 3), "img_per_s": round(train["n"] / seconds, 1)}
         trace.append(row)
 
+        average_batchnorm_statistics(model)  # every rank evaluates and saves the same running statistics
+
         # -- val -----------------------------------------------------------------------------
         if val_loader is not None:
             t_val = time.time()
@@ -519,11 +525,16 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
             })
         barrier()
 
+    dump_rank_state(model, loss)  # debugging aid, FOODLIB_RANK_STATE_DIR (docs/distributed.md)
+    check_in_sync(model, loss)  # DDP and the center all-reduce must leave every rank with the same state
+
     # -- final evaluation from the best checkpoint ----------------------------------------------
     if best_path.exists():
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
         loss.load_state_dict(best["loss"])
+    broadcast_state(model)  # rank 0's best.pt everywhere, also when `out` is not on shared storage
+    broadcast_state(loss)
     metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs": cfg.train.epochs}
     final_splits = [s for s in ("val", "test") if s in data.index.splits and len(data.index.splits[s])]
     if not cfg.train.eval_test:
