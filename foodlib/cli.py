@@ -55,8 +55,11 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args) -> int:
     from foodlib.train import fit
 
+    from foodlib.distributed import dist_info
+
     result = fit(config_from_args(args))
-    print(f"run folder: {result.run_dir}")
+    if dist_info().is_main:  # under torchrun, one line, not one per rank
+        print(f"run folder: {result.run_dir}")
     return 0
 
 
