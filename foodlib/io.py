@@ -20,6 +20,12 @@ _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ".last.pt.k3j9_x0q.tmp": mkstemp's 8 random characters
 
 
+def cache_home() -> Path:
+    """Where generated datasets, decoded images and scans are kept: ``$FOODLIB_CACHE``, else ``~/.cache/foodlib``."""
+    env = os.environ.get("FOODLIB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "foodlib"
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it over ``path``.
 

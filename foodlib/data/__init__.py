@@ -68,7 +68,7 @@ def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
                       test_per_class=max(1, cfg.data.dishes_per_class // 3))
             kw.update({k: getattr(cfg.data, k) for k in ("intra", "inter") if getattr(cfg.data, k) is not None})
         spec_obj = DishesSpec(**kw)
-        return "imagefolder", Path(write_dishes(cache_dir / f"dishes-{_spec_hash(spec_obj)}", spec_obj, progress=False))
+        return "imagefolder", Path(write_dishes(cache_dir / f"dishes-{spec_obj.digest()}", spec_obj, progress=False))
     if spec == "digits":
         from foodlib.data.digits import write_digits
 
@@ -82,14 +82,6 @@ def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
             "food101:ROOT, or one of the embedded datasets 'dishes', 'digits'."
         )
     return ("food101" if is_food101_root(root) else "imagefolder"), root
-
-
-def _spec_hash(spec) -> str:
-    import dataclasses
-    import hashlib
-    import json
-
-    return hashlib.sha1(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def index_dataset(cfg) -> DatasetIndex:

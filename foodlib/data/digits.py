@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from foodlib.data.dishes import _building_dir, _cache_home, _check_replaceable, _json_or_none, _swap_in
+from foodlib.data.dishes import _building_dir, _check_replaceable, _json_or_none, _swap_in
+from foodlib.io import cache_home
 
 #: bump when the way images are written changes, so written folders are rebuilt.
 DIGITS_VERSION = 1
@@ -62,7 +63,7 @@ def default_digits_root(image_size: int = 32, test_fraction: float = 0.2, seed: 
     >>> default_digits_root(32).name
     'digits-32px-test20-seed0'
     """
-    return _cache_home() / f"digits-{image_size}px-test{round(test_fraction * 100)}-seed{seed}"
+    return cache_home() / f"digits-{image_size}px-test{round(test_fraction * 100)}-seed{seed}"
 
 
 def write_digits(

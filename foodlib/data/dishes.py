@@ -45,6 +45,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from foodlib.io import cache_home
 from PIL import Image, ImageFilter
 
 #: bump when the rendering changes, so written datasets and caches keyed on the spec are rebuilt.
@@ -540,12 +542,6 @@ def _sprinkle(rng, food, food_alpha, colour, second, count):
 # ----------------------------------------------------------------------------------------------
 # Writing an ImageFolder
 # ----------------------------------------------------------------------------------------------
-def _cache_home() -> Path:
-    """``$FOODLIB_CACHE`` if set, else ``~/.cache/foodlib``."""
-    env = os.environ.get("FOODLIB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "foodlib"
-
-
 def default_dishes_root(spec: DishesSpec | None = None) -> Path:
     """Where :func:`write_dishes` puts a spec by default: ``<cache>/dishes-<hash of spec>``.
 
@@ -555,7 +551,7 @@ def default_dishes_root(spec: DishesSpec | None = None) -> Path:
     True
     """
     spec = spec or DishesSpec()
-    return _cache_home() / f"dishes-{spec.digest()}"
+    return cache_home() / f"dishes-{spec.digest()}"
 
 
 def read_marker(root: str | os.PathLike) -> dict | None:

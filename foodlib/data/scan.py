@@ -490,10 +490,10 @@ def scan_cached(
 
     >>> report = scan_cached("data/food101-10", progress=False)  # doctest: +SKIP
     """
-    from foodlib.data.dishes import _cache_home
+    from foodlib.io import cache_home
 
     keyed = {k: v for k, v in scan_options.items() if k not in ("progress", "workers")}
-    cache_dir = Path(cache_dir) if cache_dir is not None else _cache_home() / "scans"
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_home() / "scans"
     path = cache_dir / f"scan-{scan_key(root, **keyed)}.json"
     if path.is_file():
         try:
