@@ -1,9 +1,11 @@
 """Batch augmentation on tensors, on whatever device the model runs on.
 
 Input batches are uint8 ``(N, S, S, 3)`` (cache layout). Training draws one random resized crop
-and flip per image and applies them all in one ``grid_sample`` call; evaluation takes the
-deterministic center crop. Both end with ImageNet normalisation, in float32, in NCHW shape with
-channels_last strides when asked (no copy: NHWC memory *is* channels_last).
+and flip per image (on the CPU generator, so results do not depend on the device) and applies them
+all in one ``grid_sample`` call; evaluation takes the deterministic center crop. Both end with
+ImageNet normalisation, in float32, in NCHW shape with channels_last strides when asked (written
+directly in that layout, no extra copy). Neither waits for the GPU: the only host-to-device copy is
+one small pinned, non-blocking transfer of the per-image random numbers.
 
 >>> x = torch.randint(0, 256, (8, 73, 73, 3), dtype=torch.uint8)
 >>> eval_transform(x, 64).shape
@@ -13,6 +15,7 @@ torch.Size([8, 3, 64, 64])
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,11 +31,34 @@ def cache_side(image_size: int) -> int:
     return int(round(image_size / CROP_FRACTION))
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """float 0..255 NCHW -> ImageNet-normalised, as one fused multiply-add."""
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
+@functools.lru_cache(maxsize=None)
+def _normalize_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) with ``(x / 255 - mean) / std == shift + scale * x``, made once per device.
+
+    Cached so that a GPU step does not copy two tiny tensors from the host every batch (a
+    pageable host-to-device copy blocks until the GPU's queue has drained).
+    """
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
+
+
+def _normalize(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """float 0..255 NCHW -> ImageNet-normalised, as one fused multiply-add written in the wanted layout.
+
+    Writing the result straight into a tensor of the requested memory format saves the separate
+    ``.contiguous(memory_format=...)`` copy (a full pass over the batch, noticeable on CPU).
+    """
+    shift, scale = _normalize_constants(x.device)
+    out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.addcmul(shift, x, scale, out=out)
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a small CPU tensor to ``device`` without waiting for the GPU (pinned, non-blocking copy)."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:
@@ -49,8 +75,7 @@ def eval_transform(images: torch.Tensor, size: int, channels_last: bool = True) 
         raise ValueError(f"stored images are {side} px, smaller than the crop {size}; rebuild the cache")
     top = (side - size) // 2
     x = x[:, :, top : top + size, top : top + size].float()
-    x = _normalize(x)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return _normalize(x, channels_last)
 
 
 def train_transform(
@@ -96,24 +121,34 @@ def train_transform(
         w = h = torch.ones(n)
         cx = cy = torch.zeros(n)
     sign = torch.where(rand(n) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w * sign
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)  # (N, size, size, 2)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    draws = [w * sign, cx, h, cy]
+    if color_jitter > 0:
+        draws += list((1 - color_jitter + 2 * color_jitter * rand(n, 3)).unbind(1))  # brightness, contrast, saturation
+    # Every per-image number crosses to the device in one small copy.
+    draws = _to_device(torch.stack(draws, dim=1), x.device)  # (N, 4) or (N, 7)
+
+    # The crop is axis-aligned, so the sampling grid is separable: column j of image i samples
+    # x = w_i * sign_i * u_j + cx_i, row k samples y = h_i * u_k + cy_i, where u are the output pixel
+    # centres in [-1, 1] (align_corners=False). That is F.affine_grid of [[w * sign, 0, cx], [0, h, cy]],
+    # built here by broadcasting instead of a batched matmul: about a third of the transform's CPU
+    # time saved, the same grid up to float rounding.
+    centres = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1  # (size,)
+    grid_x = draws[:, 0:1] * centres + draws[:, 1:2]  # (N, size)
+    grid_y = draws[:, 2:3] * centres + draws[:, 3:4]  # (N, size)
+    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)  # (N, size, size, 2)
+    # "border" gives samples within half a pixel of the image edge the edge pixel's value, as a crop
+    # followed by F.interpolate (or torchvision's resized_crop) does; it is also cheaper than "reflection".
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, size, size)
 
     if color_jitter > 0:
-        factors = (1 - color_jitter + 2 * color_jitter * rand(n, 3)).to(x.device)  # (N, 3)
-        brightness, contrast, saturation = (factors[:, i].view(n, 1, 1, 1) for i in range(3))
+        brightness, contrast, saturation = (draws[:, i].view(n, 1, 1, 1) for i in (4, 5, 6))
         x = x * brightness
-        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * contrast + x.mean(dim=(1, 2, 3), keepdim=True)
+        image_mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
+        x = (x - image_mean) * contrast + image_mean
         grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (N, 1, H, W), ITU-R 601 luma
         x = ((x - grey) * saturation + grey).clamp(0, 255)
 
-    x = _normalize(x)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return _normalize(x, channels_last)
 
 
 def augment_options(name: str) -> dict:

@@ -2,8 +2,8 @@
 
 JPEG decoding is what bound the earlier attempt (about 230 images/s on a GPU). Here every image is
 decoded and resized once into a uint8 memory-mapped array ``(N, S, S, 3)``, reused across epochs,
-runs and notebooks. The cache is keyed by the file list, each file's size and mtime, the stored
-side S and the decode version, so any change rebuilds it: a stale cache is never reused.
+runs and notebooks. The cache is keyed by the file list, each file's size, mtime and ctime, the
+stored side S and the decode version, so any change rebuilds it: a stale cache is never reused.
 
 >>> images = build_cache(paths, side=73, cache_dir="~/.cache/foodlib")     # doctest: +SKIP
 >>> images.array.shape, images.errors                                        # doctest: +SKIP
@@ -24,21 +24,28 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from foodlib.io import cache_home
 from foodlib.data.images import ImageDecodeError, load_image_array
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FOODLIB_CACHE", "~/.cache/foodlib")).expanduser()
+    return cache_home()
 
 
 def cache_key(paths: Sequence[str], side: int) -> str:
-    """Hash of (path, size, mtime) of every file plus the stored side and decode version."""
+    """Hash of (path, size, mtime, ctime) of every file plus the stored side and decode version.
+
+    The inode change time (ctime) joins size and mtime because a rewrite that keeps the size and
+    restores the mtime (``cp -p``, ``rsync -a``, ``touch -d``) would otherwise reuse stale pixels; the
+    kernel sets ctime on every write and nothing can set it back. The cost is a rebuild after a
+    metadata-only change (chmod, chown), which is the safe direction.
+    """
     digest = hashlib.sha1(f"v{CACHE_VERSION}:{side}\n".encode())
     for path in paths:
         st = os.stat(path)
-        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
