@@ -81,7 +81,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow start, faster steps on long GPU runs)
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     augment: str = "standard"  # none | flip | standard (random resized crop + flip) | strong (+ colour)
-    workers: int = 2  # threads that gather batches from the cache / decode images
+    workers: int = 2  # worker processes that gather batches from the cache / decode images
+    threads: int | None = None  # CPU threads of torch (None: torch's default, one per core; 1 wins on a busy machine)
     out: str = "runs/default"  # run folder
     resume: bool = False  # continue the run in `out` from last.pt
     quiet: bool = False  # no progress bars (batch runs)
@@ -240,6 +241,7 @@ _RANGES = [  # (field, low, high), inclusive
     ("epochs", 1, 10**6),
     ("batch_size", 1, 10**6),
     ("workers", 0, 256),
+    ("threads", 1, 1024),
 ]
 
 

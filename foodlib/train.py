@@ -233,7 +233,7 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
 #: ``epochs`` may only grow (the lr schedule then stretches from the resumed step on).
 RESUME_FREE_FIELDS = frozenset({
     "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
-    "eval_test", "features", "figures",
+    "eval_test", "features", "figures", "threads",
 })
 
 #: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
@@ -326,6 +326,44 @@ def evaluate(
     return summarise_stats(sums, loss.term_names)
 
 
+class NonFiniteWatch:
+    """Stops a run whose loss turned NaN or infinite, naming the epoch, the step and the term.
+
+    Reading a loss value back forces the CPU to wait for a GPU, so on GPUs the flags stay on the
+    device and are read every ``every`` steps and at the epoch's end; the message still names
+    the first bad step. On CPUs the check is free and runs every step.
+    """
+
+    def __init__(self, term_names: tuple[str, ...], device: torch.device, steps_per_epoch: int,
+                 every: int | None = None):
+        self.names = ("total", *term_names)
+        self.every = every or (1 if device.type == "cpu" else 10)
+        self.last_step = steps_per_epoch - 1
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_terms = torch.zeros(len(self.names), dtype=torch.bool, device=device)
+        self.bad_value = torch.zeros((), device=device)
+
+    def observe(self, step: int, out) -> None:
+        values = torch.stack([out.loss.detach(), *(out.terms[t].detach() for t in self.names[1:])])
+        bad = ~torch.isfinite(values)  # (1 + T,)
+        first = (self.first_bad < 0) & bad.any()
+        self.first_bad = torch.where(first, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_terms = torch.where(first, bad, self.bad_terms)
+        self.bad_value = torch.where(first, values[0].float(), self.bad_value)
+
+    def check(self, epoch: int, step: int, kept: str) -> None:
+        if step % self.every and step != self.last_step:
+            return
+        first_bad = int(self.first_bad)  # the only device sync, every `every` steps
+        if first_bad >= 0:
+            terms = [name for name, bad in zip(self.names[1:], self.bad_terms[1:].tolist()) if bad] or ["total"]
+            raise NonFiniteLossError(
+                f"loss is {float(self.bad_value)} at epoch {epoch + 1}, step {first_bad + 1} of {self.last_step + 1} "
+                f"(non-finite term(s): {', '.join(terms)}); the run stopped and {kept}. "
+                "Lower lr or lam, or check the data."
+            )
+
+
 # ----- the loop -------------------------------------------------------------------------------
 
 def fit(cfg: Config, data: Data | None = None) -> RunResult:
@@ -337,6 +375,8 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     """
     cfg.validate()
     t_start = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     info = setup_distributed(device)
     if info.enabled and device.type == "cuda":
@@ -437,6 +477,7 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
         model.train()
         loss.train()
         sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
+        watch = NonFiniteWatch(loss.term_names, device, steps_per_epoch)
         t_epoch = time.time()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress, leave=False)
         for step, (images, labels) in enumerate(bar):
@@ -452,13 +493,8 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
 
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 embedding, out = forward(x, labels)  # (N, D), LossOutput in float32
-            if not torch.isfinite(out.loss):
-                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
-                raise NonFiniteLossError(
-                    f"loss is {float(out.loss.detach())} at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch} "
-                    f"(non-finite term(s): {', '.join(bad)}); the run stopped and {kept_checkpoint(last_path, epoch)}. "
-                    "Lower lr or lam, or check the data."
-                )
+            watch.observe(step, out)
+            watch.check(epoch, step, kept_checkpoint(last_path, epoch))
 
             optimizer.zero_grad(set_to_none=True)
             if center_optimizer is not None:

@@ -98,3 +98,20 @@ def test_real_food_photos_learn_above_chance(tmp_path, food101_10):
     assert val["n"] == 160
     # chance is 0.10; with 160 val images its standard error is 0.024, so 0.2 is 4 of them above
     assert val["top1"] > 0.20, val
+
+
+def test_non_finite_watch_names_the_first_bad_step_when_read_late():
+    """The GPU mode reads its flags every 10 steps; the message must still name the first bad step."""
+    from foodlib.losses import LossOutput
+    from foodlib.train import NonFiniteLossError, NonFiniteWatch
+
+    watch = NonFiniteWatch(("ce", "center"), torch.device("cpu"), steps_per_epoch=30, every=10)
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    for step in range(11):
+        bad = step >= 3
+        out = LossOutput(nan if bad else one, torch.zeros(1, 2), {"ce": one, "center": nan if bad else one})
+        watch.observe(step, out)
+        if step < 10:
+            watch.check(0, step, "last.pt was kept")  # flags are read at steps 0, 10, 20 and the last
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, step 4 of 30 \(non-finite term\(s\): center\)"):
+        watch.check(0, 10, "last.pt was kept")
