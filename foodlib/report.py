@@ -49,9 +49,10 @@ def collect_runs(suite_dir: str | Path, split: str = "test") -> list[dict[str, A
 
     Each row: ``run``, ``variant`` (the run without its seed: what is averaged over seeds),
     ``loss``, ``seed``, ``run_dir``, the ``split`` metrics (``top1``, ``top5``, ``fisher_ratio``,
-    ``silhouette``, ``knn_top1``, ``nmi``, ... when present), ``val_top1``, ``best_epoch`` and
-    ``train_seconds``. Loss and seed come from ``suite.json``, else from the run's
-    ``config.yaml``, else from the folder name ``<variant>-s<seed>``.
+    ``silhouette``, ``knn_top1``, ``nmi``, ... when present; the objective's value as
+    ``test_loss``), ``top1_boot_low`` / ``top1_boot_high`` (the run's bootstrap interval of
+    top-1), ``val_top1``, ``best_epoch`` and ``train_seconds``. Loss and seed come from
+    ``suite.json``, else from the run's ``config.yaml``, else from the folder name ``<variant>-s<seed>``.
 
     Raises:
         FileNotFoundError: ``suite_dir`` does not exist.
@@ -68,10 +69,14 @@ def collect_runs(suite_dir: str | Path, split: str = "test") -> list[dict[str, A
         run_dir = metrics_path.parent
         metrics = json.loads(metrics_path.read_text())
         entry = planned.get(run_dir.name) or _identify_run(run_dir)
-        values = metrics.get(split, {})
         row = {"run": run_dir.name, "variant": entry["variant"], "loss": entry["loss"], "seed": int(entry["seed"]),
                "run_dir": run_dir}
-        row.update({k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for key, value in metrics.get(split, {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[f"{split}_{key}" if key in row else key] = value  # the objective "loss" -> "test_loss"
+        boot = metrics.get(split, {}).get("top1_ci")
+        if isinstance(boot, list) and len(boot) == 2:  # bootstrap interval over this run's test images
+            row["top1_boot_low"], row["top1_boot_high"] = boot
         row["val_top1"] = metrics.get("val", {}).get("top1")
         row["best_epoch"] = metrics.get("best_epoch")
         row["train_seconds"] = metrics.get("train_seconds")
@@ -236,14 +241,30 @@ def _mean_ci_text(mean, low, high, digits: int, signed: bool = False) -> str:
 
 # ----- figures ------------------------------------------------------------------------------------
 
-def accuracy_figure(table: list[dict[str, Any]], metric: str = "top1") -> Figure:
-    """Mean and 95% CI over seeds of one metric per variant (a point without bar for one seed)."""
-    seeds = sorted({e["n"] for e in table})
-    title = f"test {TABLE_METRICS.get(metric, metric)}: mean and 95% CI over " + \
-        (f"{seeds[0]} seeds" if len(seeds) == 1 else "seeds")
-    return P.accuracy_with_ci([e["variant"] for e in table], [e[metric] for e in table],
-                              [e[f"{metric}_low"] for e in table], [e[f"{metric}_high"] for e in table],
-                              title=title, ylabel=f"test {TABLE_METRICS.get(metric, metric)}")
+def accuracy_figure(table: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None,
+                    metric: str = "top1") -> Figure:
+    """One metric per variant: mean and t 95% CI over seeds.
+
+    With a single seed per variant there is no spread over seeds; for top-1 the interval is then
+    each run's bootstrap 95% CI over its test images (``top1_ci`` in metrics.json, kept by
+    :func:`collect_runs` as ``top1_boot_low`` / ``top1_boot_high``) and the title says so.
+    """
+    label = TABLE_METRICS.get(metric, metric)
+    names, means = [e["variant"] for e in table], [e[metric] for e in table]
+    lows, highs = [e[f"{metric}_low"] for e in table], [e[f"{metric}_high"] for e in table]
+    seed_counts = sorted({e["n"] for e in table})
+    by_variant = {r["variant"]: r for r in rows or []}
+    if seed_counts == [1] and metric == "top1" and all(_finite(by_variant.get(v, {}).get("top1_boot_low"))
+                                                       for v in names):
+        lows = [by_variant[v]["top1_boot_low"] for v in names]
+        highs = [by_variant[v]["top1_boot_high"] for v in names]
+        title = f"test {label}, one seed: bootstrap 95% CI over test images"
+    elif seed_counts == [1]:
+        title = f"test {label}, one seed (no interval)"
+    else:
+        over = f"{seed_counts[0]} seeds" if len(seed_counts) == 1 else "seeds"
+        title = f"test {label}: mean and 95% CI over {over}"
+    return P.accuracy_with_ci(names, means, lows, highs, title=title, ylabel=f"test {label}")
 
 
 def umap_grid_figure(rows: list[dict[str, Any]], split: str = "test") -> Figure | None:
@@ -358,7 +379,7 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
     figures: dict[str, Path] = {}
     fig_dir = suite_dir / "figures"
     with matplotlib.rc_context({"figure.max_open_warning": 0}):
-        candidates = {"accuracy_ci": accuracy_figure(table), "umap_grid": umap_grid_figure(rows, split),
+        candidates = {"accuracy_ci": accuracy_figure(table, rows), "umap_grid": umap_grid_figure(rows, split),
                       "lookalike_confusion": lookalike_confusion_figure(rows, split)}
     for key, fig in candidates.items():
         if fig is not None:
@@ -379,7 +400,9 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
         lines.append("Difference = variant - baseline on the same seeds, with a paired t interval and p-value "
                      "(needs at least 2 seeds).")
     lines += ["", "## Figures", ""]
-    captions = {"accuracy_ci": "Test top-1, mean and 95% CI over seeds",
+    one_seed = all(e["n"] == 1 for e in table)
+    captions = {"accuracy_ci": "Test top-1 with the bootstrap 95% CI over test images (one seed)" if one_seed
+                else "Test top-1, mean and 95% CI over seeds",
                 "umap_grid": "UMAP of test embeddings, one seed per variant (same test images)",
                 "lookalike_confusion": "Confusion among the most look-alike classes"}
     for key, path in figures.items():

@@ -281,8 +281,13 @@ def run_suite(
             raise SuiteError(f"--only {', '.join(unmatched)} matches no run of suite {spec.name}; runs: "
                              + ", ".join(r.name for r in plan))
         plan = [r for r in plan if any(fnmatch.fnmatchcase(r.name, p) for p in only)]
-    if device is not None:
-        Config.from_flat(device=device)  # a typo fails here, before the first run
+    if device is not None:  # a typo, or cuda on a machine without a GPU, fails here, before the first run
+        from foodlib.train import resolve_device
+
+        try:
+            resolve_device(device)
+        except (RuntimeError, ConfigError) as error:
+            raise SuiteError(f"--device {device!r}: {error}") from None
     outcomes: list[RunOutcome] = []
     if dry_run:
         for run in plan:

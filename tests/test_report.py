@@ -28,7 +28,7 @@ def write_run(suite_dir: Path, name: str, test: dict, loss: str | None = None, s
     run_dir = suite_dir / name
     run_dir.mkdir(parents=True)
     metrics = {"best_epoch": 3, "epochs": 4, "train_seconds": 12.0, "val": {"top1": test["top1"] - 0.01},
-               "test": {"n": 40, "top1_ci": [0.1, 0.9], **test}}
+               "test": {"n": 40, "loss": 1.25, "top1_ci": [0.1, 0.9], **test}}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     if loss is not None:
         (run_dir / "config.yaml").write_text(
@@ -77,7 +77,8 @@ def test_collect_runs(suite_dir):
     assert (first["variant"], first["loss"], first["seed"]) == ("softmax", "softmax", 0)
     assert first["top1"] == 0.60 and first["fisher_ratio"] == 1.0 and first["val_top1"] == pytest.approx(0.59)
     assert first["best_epoch"] == 3 and first["train_seconds"] == 12.0 and first["run_dir"] == suite_dir / "softmax-s0"
-    assert "top1_ci" not in first  # lists are not table numbers
+    assert "top1_ci" not in first and (first["top1_boot_low"], first["top1_boot_high"]) == (0.1, 0.9)
+    assert first["test_loss"] == 1.25  # the objective's value does not overwrite the loss name
 
 
 def test_collect_runs_uses_suite_json_then_folder_names(tmp_path):
@@ -126,6 +127,24 @@ def test_one_seed_has_no_interval(tmp_path):
     table = R.summary_table(R.collect_runs(tmp_path / "s"))
     assert table[0]["top1"] == 0.7 and math.isnan(table[0]["top1_low"]) and math.isnan(table[0]["fisher_ratio"])
     assert "| softmax | 1 | 0.700 | - |" in R.markdown_table(table)
+
+
+def error_bars(fig) -> list[tuple[float, float]]:
+    """(low, high) of each vertical error bar drawn by accuracy_with_ci."""
+    segments = fig.axes[0].containers[0].lines[2][0].get_segments()
+    return [(round(float(seg[0][1]), 6), round(float(seg[1][1]), 6)) for seg in segments]
+
+
+def test_accuracy_figure_intervals(suite_dir, tmp_path):
+    rows = R.collect_runs(suite_dir)
+    fig = R.accuracy_figure(R.summary_table(rows), rows)
+    assert fig.axes[0].get_title() == "test top-1: mean and 95% CI over 3 seeds"
+    mean, half = mean_and_half_width(list(SOFTMAX.values()))
+    assert error_bars(fig)[0] == pytest.approx((mean - half, mean + half), abs=1e-4)
+    one = [r for r in rows if r["seed"] == 0]  # one seed per variant: each run's bootstrap interval instead
+    fig = R.accuracy_figure(R.summary_table(one), one)
+    assert fig.axes[0].get_title() == "test top-1, one seed: bootstrap 95% CI over test images"
+    assert error_bars(fig) == [(0.1, 0.9), (0.1, 0.9)]
 
 
 def test_paired_vs_baseline_by_hand(suite_dir):

@@ -230,6 +230,8 @@ def test_only_dry_run_and_device(tmp_path, monkeypatch):
     assert fake.calls[0][1]["device"] == "cpu"
     with pytest.raises(S.SuiteError, match="matches no run"):
         S.run_suite(spec, only=["lgm-*"], log=lambda line: None)
+    with pytest.raises(S.SuiteError, match="--device 'gpu'"):
+        S.run_suite(spec, device="gpu", log=lambda line: None)
 
 
 def test_cli_suite_dry_run_and_errors(tmp_path, capsys, monkeypatch):
