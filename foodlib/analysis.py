@@ -20,15 +20,18 @@ from foodlib.features import extract_features, load_features, save_features
 def analyse_run(run_dir, model, loss, data, cfg, metrics: dict[str, Any], device="cpu", figures: bool = True,
                 trace: list[dict] | None = None, progress: bool = False) -> dict[str, Any]:
     """Extract features of every split from ``model`` / ``loss`` and add metrics and figures."""
-    run_dir = Path(run_dir)
-    from foodlib.train import autocast_dtype
+    import torch
 
-    amp_dtype = autocast_dtype(cfg.train.amp, device if not isinstance(device, str) else __import__("torch").device(device))
+    from foodlib.train import autocast_dtype, loader_workers
+
+    run_dir, device = Path(run_dir), torch.device(device)
+    amp_dtype = autocast_dtype(cfg.train.amp, device)
     features = {}
     for split in data.index.splits:
         if not len(data.index.splits[split]):
             continue
-        loader = data.loader(split, max(cfg.train.batch_size, 128), shuffle=False, workers=cfg.train.workers)
+        loader = data.loader(split, max(cfg.train.batch_size, 128), shuffle=False,
+                             workers=loader_workers(cfg, device))
         features[split] = extract_features(model, loss, loader, cfg.data.image_size, device, amp_dtype,
                                            cfg.train.channels_last, progress, desc=f"features {split}")
     save_features(run_dir / "features.npz", features, data.classes, float16=len(data.labels("train")) > 50_000)
@@ -52,12 +55,7 @@ def add_feature_metrics(metrics: dict[str, Any], features: dict[str, dict[str, n
 
 def make_run_figures(run_dir, features, classes, trace=None, max_umap_points: int = 20_000) -> list[Path]:
     """Training curves, UMAP of the evaluation split, confusion heatmap, per-class accuracy (, 2-D plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from foodlib import plots as P
+    from foodlib import plots as P  # Figure objects without pyplot: no backend switch, nothing left open
 
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
@@ -67,7 +65,6 @@ def make_run_figures(run_dir, features, classes, trace=None, max_umap_points: in
 
     def save(fig, name):
         written.append(P.save_figure(fig, fig_dir / name))
-        plt.close(fig)
 
     if trace:
         save(P.training_curves(trace), "training_curves.png")

@@ -76,12 +76,12 @@ class TrainConfig:
     batch_size: int = 64  # images per optimizer step (global, across all processes)
     seed: int = 0  # seeds weights, shuffling and augmentation; the same seed gives the same run
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 where supported, fp16 on older GPUs, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on GPUs and AMX CPUs, fp16 on older GPUs, else off) | bf16 | fp16 | off
     channels_last: bool = True  # NHWC memory layout: faster convolutions on GPU and recent CPUs
     compile: bool = False  # torch.compile the model (slow start, faster steps on long GPU runs)
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     augment: str = "standard"  # none | flip | standard (random resized crop + flip) | strong (+ colour)
-    workers: int = 2  # worker processes that gather batches from the cache / decode images
+    workers: int | None = None  # loader processes (None: 0 on a CPU with the cache, else min(4, cores))
     threads: int | None = None  # CPU threads of torch (None: torch's default, one per core; 1 wins on a busy machine)
     out: str = "runs/default"  # run folder
     resume: bool = False  # continue the run in `out` from last.pt

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
-from foodlib.data.augment import eval_transform
+if TYPE_CHECKING:  # torch is imported where it is used: load_features serves torch-free reports
+    import torch
+    from torch import nn
 
 
-@torch.no_grad()
 def extract_features(
-    model: nn.Module,
-    loss: nn.Module,
+    model: "nn.Module",
+    loss: "nn.Module",
     loader,
     image_size: int,
-    device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    device: "str | torch.device" = "cpu",
+    amp_dtype: "torch.dtype | None" = None,
     channels_last: bool = True,
     progress: bool = False,
     desc: str = "features",
@@ -33,19 +34,23 @@ def extract_features(
         ``{"embeddings": (N, D) float32, "logits": (N, C) float32, "labels": (N,) int64}``, in
         the loader's order. Embeddings are cast to float32 whatever the autocast dtype.
     """
+    import torch
     from tqdm.auto import tqdm
+
+    from foodlib.data.augment import eval_transform
 
     device = torch.device(device)
     model.eval()
     embeddings, logits, labels = [], [], []
-    for images, batch_labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = eval_transform(images.to(device, non_blocking=True), image_size, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            embedding = model(x)
-        embedding = embedding.float()
-        embeddings.append(embedding.cpu().numpy())
-        logits.append(loss.predict(embedding).float().cpu().numpy())
-        labels.append(batch_labels.numpy())
+    with torch.no_grad():
+        for images, batch_labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            x = eval_transform(images.to(device, non_blocking=True), image_size, channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                embedding = model(x)
+            embedding = embedding.float()  # (N, D)
+            embeddings.append(embedding.cpu().numpy())
+            logits.append(loss.predict(embedding).float().cpu().numpy())  # (N, C)
+            labels.append(batch_labels.numpy())
     if not embeddings:
         raise ValueError("the loader yielded no batches; nothing to extract")
     return {

@@ -205,7 +205,9 @@ class BatchLoader:
         self.epoch = 0
         self._loader = torch.utils.data.DataLoader(
             _Batches(source, self.labels), sampler=_EpochBatches(self), batch_size=None,
-            num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+            num_workers=workers, pin_memory=pin_memory,
+            # not persistent: a live iterator copied into a later loader's forked workers breaks their shutdown
+            persistent_workers=False,
         )
 
     def set_epoch(self, epoch: int) -> None:
