@@ -40,7 +40,9 @@ from foodlib.models import create_model
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inference")
-    result = foodlib.fit(tiny_config(root, loss="center", device="cpu"))
+    # float32 (amp="off"): the exported model runs in float32, and its logits are compared with
+    # the run's features.npz; on AMX CPUs amp="auto" would train and extract in bf16
+    result = foodlib.fit(tiny_config(root, loss="center", device="cpu", amp="off"))
     return Path(result.run_dir)
 
 
