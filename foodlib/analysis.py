@@ -28,8 +28,8 @@ def analyse_run(run_dir, model, loss, data, cfg, metrics: dict[str, Any], device
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     features = {}
     for split in data.index.splits:
-        if not len(data.index.splits[split]):
-            continue
+        if not len(data.index.splits[split]) or (split == "test" and not cfg.train.eval_test):
+            continue  # eval_test=False (tuning on val): the test images are not looked at, not even here
         loader = data.loader(split, max(cfg.train.batch_size, 128), shuffle=False,
                              workers=loader_workers(cfg, device))
         features[split] = extract_features(model, loss, loader, cfg.data.image_size, device, amp_dtype,

@@ -614,7 +614,7 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
         metrics["wall_seconds"] = round(time.time() - t_start, 2)
         atomic_write_json(run_dir / "metrics.json", metrics)
         log(f"done: {run_dir} " + " ".join(
-            f"{s} top1 {metrics[s]['top1']:.3f}" for s in ("val", "test") if s in metrics))
+            f"{s} top1 {metrics[s]['top1']:.3f}" for s in ("val", "test") if "top1" in metrics.get(s, {})))
     barrier()
     if info.enabled:
         cleanup_distributed()
