@@ -17,12 +17,16 @@ def island_term(centers: torch.Tensor) -> torch.Tensor:
     Each unordered pair counts twice (C=59 classes give 59 * 58 = 3422 terms). ``L_I`` is 0 only
     when every pair is antipodal, which is possible for C=2; for more classes it is smallest when
     the centers spread out evenly in angle.
+
+    The sum over pairs never builds the C x C cosine matrix: with unit vectors u_j and their sum
+    S, ``sum_{j != k} u_j . u_k = ||S||^2 - sum_j ||u_j||^2`` exactly, so value and gradient cost
+    O(C * D) (at C=1000 this made the island loss as cheap as Center Loss; benchmarks/RESULTS.md).
     """
     unit = F.normalize(centers, dim=1, eps=COSINE_EPS)  # (C, D); a zero row stays zero
-    cosines = unit @ unit.T  # (C, C)
+    total = unit.sum(dim=0)  # (D,)
     num_classes = centers.shape[0]
-    # All entries minus the diagonal (1 for a non-zero center, 0 for a zero one), plus one per pair.
-    return cosines.sum() - cosines.diagonal().sum() + num_classes * (num_classes - 1)
+    # ||S||^2 holds every ordered pair once plus the diagonal ||u_j||^2 (1, or 0 for a zero center).
+    return total.dot(total) - unit.pow(2).sum() + num_classes * (num_classes - 1)
 
 
 class IslandLoss(CenterLoss):
