@@ -11,6 +11,7 @@ notebook runs through papermill with tiny parameters. The kernel must be the ven
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def test_notebook_executes_with_tiny_parameters(path, tiny_suite, tmp_path, monk
 def test_experiment_runs_on_the_venv_python_and_writes_its_run(tiny_suite):
     run = tiny_suite.runs[0]
     text = printed_text(run.notebook)
-    kernel_python = Path(text.split("python ")[1].split(" |")[0])
+    kernel_python = Path(re.search(r"\| python (\S+) \|", text).group(1))  # "... | python PATH | ..."
     # the kernel is this venv's interpreter (same bin/ folder), not whatever `python` is on PATH
     assert kernel_python.parent.resolve() == Path(sys.executable).parent.resolve(), text
     run_dir = run.notebook.parent
