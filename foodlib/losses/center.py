@@ -111,8 +111,14 @@ class CenterLoss(SoftmaxLoss):
             ce = F.cross_entropy(logits, labels)
             centers = self.centers.float()  # (C, D)
             total, center_term = self._add_center_term(ce, x, centers, labels)
-        return LossOutput(loss=total, logits=logits,
-                          terms={"ce": ce.detach(), "center": center_term.detach()})
+            terms = {"ce": ce.detach(), "center": center_term.detach()}
+            total = self._add_center_state_terms(total, centers, terms)
+        return LossOutput(loss=total, logits=logits, terms=terms)
+
+    def _add_center_state_terms(self, total: torch.Tensor, centers: torch.Tensor,
+                                terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hook for terms on the centers alone (the island loss); adds their logged values to ``terms``."""
+        return total
 
     def _add_center_term(self, ce: torch.Tensor, x: torch.Tensor, centers: torch.Tensor,
                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LossOutput, autocast_off, check_number
+from .base import check_number
 from .center import CenterLoss
 
 #: smallest center norm used in the cosine; keeps a zero center finite (cosine 0) instead of NaN.
@@ -96,23 +96,16 @@ class IslandLoss(CenterLoss):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lam_island={self.lam_island}"
 
-    def forward(self, embedding: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        self.check_batch(embedding, labels)
-        labels = labels.long()
-        with autocast_off(embedding):
-            x = embedding.float()  # (N, D)
-            logits = self.classifier_logits(x)  # (N, C)
-            ce = F.cross_entropy(logits, labels)
-            centers = self.centers.float()  # (C, D)
-            total, center_term = self._add_center_term(ce, x, centers, labels)
-            separation = island_term(centers)
-            # Value: lam * lam_island * L_I. Gradient (sgd mode only, since paper-mode centers are a
-            # buffer): lam_island * dL_I/dc, unscaled by lam like the center term's.
-            total = total + self.current_lam * self.lam_island * separation.detach()
-            if separation.requires_grad:
-                total = total + self.lam_island * (separation - separation.detach())
-        return LossOutput(loss=total, logits=logits, terms={
-            "ce": ce.detach(), "center": center_term.detach(), "island": separation.detach()})
+    def _add_center_state_terms(self, total: torch.Tensor, centers: torch.Tensor,
+                                terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        separation = island_term(centers)
+        terms["island"] = separation.detach()
+        # Value: lam * lam_island * L_I. Gradient (sgd mode only, since paper-mode centers are a
+        # buffer): lam_island * dL_I/dc, unscaled by lam like the center term's.
+        total = total + self.current_lam * self.lam_island * separation.detach()
+        if separation.requires_grad:
+            total = total + self.lam_island * (separation - separation.detach())
+        return total
 
     def _center_update_direction(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Algorithm 1's ``delta_c`` plus ``lam_island * dL_I/dc`` at the current centers ``(C, D)``."""
