@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
@@ -332,8 +333,6 @@ def evaluate(
 
     Under DDP each rank evaluates its shard and the sums are all-reduced.
     """
-    from tqdm.auto import tqdm
-
     model.eval()
     loss.eval()  # the loop sets both back to train mode at the next epoch
     sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
@@ -493,8 +492,6 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
         augment = augment_options(cfg.train.augment)
 
         # -- train ---------------------------------------------------------------------------
-        from tqdm.auto import tqdm
-
         model.train()
         loss.train()
         sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
