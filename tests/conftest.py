@@ -39,3 +39,32 @@ def tiny_config(tmp_path, **overrides):
                 batch_size=16, workers=0, quiet=True, out=str(tmp_path / "run"), figures=False)
     base.update(overrides)
     return Config.from_flat(**base)
+
+
+def rewrite_training_forward(monkeypatch, step: int, rewrite) -> None:
+    """Make fit()'s ``step``-th training forward (1-based, over all epochs; evaluation forwards do
+    not count) return ``rewrite(out, embedding, labels)`` instead of the loss's output ``out``.
+
+    ``rewrite`` may also raise, to stand in for a crash at that step.
+    """
+    import foodlib.train as train_module
+
+    create = train_module.create_loss
+    calls = {"n": 0}
+
+    def create_rewritten(*args, **kwargs):
+        loss = create(*args, **kwargs)
+        forward = loss.forward
+
+        def rewritten_forward(embedding, labels):
+            out = forward(embedding, labels)
+            if loss.training:
+                calls["n"] += 1
+                if calls["n"] == step:
+                    return rewrite(out, embedding, labels)
+            return out
+
+        loss.forward = rewritten_forward
+        return loss
+
+    monkeypatch.setattr(train_module, "create_loss", create_rewritten)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import foodlib.train as train_module
-from conftest import tiny_config
+from conftest import rewrite_training_forward, tiny_config
 from foodlib.cli import main as cli_main
 from foodlib.config import Config, ConfigError
 from foodlib.data import BadFilesError
@@ -373,26 +373,11 @@ def test_cli_lets_programming_errors_raise_with_their_traceback(tmp_path, monkey
 
 def make_loss_non_finite_at(monkeypatch, step: int, term: str, value: float = math.nan) -> None:
     """The ``step``-th training forward (1-based, over all epochs) returns ``value`` in ``term`` and the total."""
-    create = train_module.create_loss
-    calls = {"n": 0}
+    def poison(out, embedding, labels):
+        bad = out.terms[term] * value
+        return LossOutput(out.loss + bad, out.logits, {**out.terms, term: bad})
 
-    def create_poisoned(*args, **kwargs):
-        loss = create(*args, **kwargs)
-        forward = loss.forward
-
-        def poisoned_forward(embedding, labels):
-            out = forward(embedding, labels)
-            if loss.training:
-                calls["n"] += 1
-                if calls["n"] == step:
-                    bad = out.terms[term] * value
-                    return LossOutput(out.loss + bad, out.logits, {**out.terms, term: bad})
-            return out
-
-        loss.forward = poisoned_forward
-        return loss
-
-    monkeypatch.setattr(train_module, "create_loss", create_poisoned)
+    rewrite_training_forward(monkeypatch, step, poison)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -434,27 +419,12 @@ def test_nan_gradient_on_an_epochs_last_step_never_becomes_last_pt(tmp_path, mon
 
     cfg = tiny_config(tmp_path, epochs=3, features=False)
     steps_per_epoch = len(load_data(cfg, progress=False).loader("train", cfg.train.batch_size, shuffle=True))
-    create = train_module.create_loss
-    calls = {"n": 0}
+    def nan_gradient(out, embedding, labels):  # at the last step of epoch 2
+        # sqrt(u) at u = 0: the value is 0, the gradient 0 * inf = NaN
+        zero_with_nan_gradient = torch.sqrt(((embedding - embedding.detach()) ** 2).sum())
+        return LossOutput(out.loss + zero_with_nan_gradient, out.logits, out.terms)
 
-    def create_poisoned(*args, **kwargs):
-        loss = create(*args, **kwargs)
-        forward = loss.forward
-
-        def poisoned_forward(embedding, labels):
-            out = forward(embedding, labels)
-            if loss.training:
-                calls["n"] += 1
-                if calls["n"] == 2 * steps_per_epoch:  # the last step of epoch 2
-                    # sqrt(u) at u = 0: the value is 0, the gradient 0 * inf = NaN
-                    zero_with_nan_gradient = torch.sqrt(((embedding - embedding.detach()) ** 2).sum())
-                    return LossOutput(out.loss + zero_with_nan_gradient, out.logits, out.terms)
-            return out
-
-        loss.forward = poisoned_forward
-        return loss
-
-    monkeypatch.setattr(train_module, "create_loss", create_poisoned)
+    rewrite_training_forward(monkeypatch, 2 * steps_per_epoch, nan_gradient)
     with pytest.raises(NonFiniteLossError) as error:
         fit(cfg)
     message = str(error.value)

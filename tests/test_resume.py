@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import foodlib.train as train_module
-from conftest import REPO, tiny_config
+from conftest import REPO, rewrite_training_forward, tiny_config
 from foodlib.cli import main as cli_main
 from foodlib.config import Config, ConfigError
 from foodlib.train import check_resume_config, fit, load_checkpoint
@@ -31,24 +30,10 @@ class _Interrupted(Exception):
 
 def interrupt_at_training_step(monkeypatch, step: int) -> None:
     """Make the next fit() raise _Interrupted at its ``step``-th training forward (1-based, over all epochs)."""
-    create_loss = train_module.create_loss
-    calls = {"n": 0}
+    def crash(out, embedding, labels):
+        raise _Interrupted(f"interrupted at training step {step}")
 
-    def create_interrupting_loss(*args, **kwargs):
-        loss = create_loss(*args, **kwargs)
-        forward = loss.forward
-
-        def counting_forward(embedding, labels):
-            if loss.training:  # evaluation forwards do not count
-                calls["n"] += 1
-                if calls["n"] == step:
-                    raise _Interrupted(f"interrupted at training step {step}")
-            return forward(embedding, labels)
-
-        loss.forward = counting_forward
-        return loss
-
-    monkeypatch.setattr(train_module, "create_loss", create_interrupting_loss)
+    rewrite_training_forward(monkeypatch, step, crash)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
