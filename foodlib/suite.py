@@ -16,6 +16,7 @@ A suite is a small YAML file; every key under ``base``, ``loss_params`` and ``gr
     grid:                         # optional: each entry is one more override set (multiplies the runs)
       - {lr: 0.001}
       - {name: fast, lr: 0.003}   # `name` labels the set in run names (default: its keys and values)
+      - {name: lam0.1, lam: 0.1, losses: [center]}   # `losses` limits an entry to some losses (tuning)
     baseline: softmax             # optional: what the report compares against (default: first loss)
 
 Run ``r`` is the executed notebook ``runs/<suite>/<r>/experiment.ipynb`` next to its run folder
@@ -23,6 +24,9 @@ Run ``r`` is the executed notebook ``runs/<suite>/<r>/experiment.ipynb`` next to
 recorded ``config.yaml`` (runtime-only fields aside) is skipped; an interrupted one resumes from
 ``last.pt``; a failed one is reported at the end while the others and the comparison still run.
 Then ``compare.ipynb`` runs into ``runs/<suite>/compare.ipynb`` and writes ``report.md``.
+``jobs=2`` (``foodlib suite --jobs 2``) executes two runs at a time, each with ``threads`` = cores // 2:
+on a CPU, two single-thread trainings get through more images per second together than one
+two-thread training (see benchmarks/RESULTS.md).
 
 >>> spec = load_suite("base: {data: dishes, epochs: 2}\\nlosses: [softmax, center]\\nseeds: [0, 1]\\n")
 >>> [run.name for run in plan_suite(spec)]
@@ -49,9 +53,10 @@ from foodlib.config import Config, ConfigError
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
 #: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
-RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir"})
+RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads"})
 #: Fields a suite sets itself; ``base`` / ``grid`` may not set them.
 SUITE_FIELDS = frozenset({"loss", "seed", "out", "resume"})
+GRID_KEYS = frozenset({"name", "losses"})  # grid-entry keys that are not Config fields
 SUITE_KEYS = ("name", "base", "losses", "seeds", "loss_params", "grid", "baseline", "notebook", "compare_notebook",
               "out_dir")
 KERNEL_NAME = "python3"  # the venv's ipykernel; jupyter_client starts it with this interpreter (sys.executable)
@@ -177,7 +182,13 @@ def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs") -> SuiteS
     grid = _as_list(raw.get("grid") or [], f"{source}: grid")
     for i, entry in enumerate(grid):
         grid[i] = _mapping(entry, f"{source}: grid[{i}]")
-        _check_fields({k: v for k, v in grid[i].items() if k != "name"}, f"{source}: grid[{i}]")
+        _check_fields({k: v for k, v in grid[i].items() if k not in GRID_KEYS}, f"{source}: grid[{i}]")
+        if "losses" in grid[i]:
+            only = grid[i]["losses"] = [str(x) for x in _as_list(grid[i]["losses"], f"{source}: grid[{i}].losses")]
+            stray = [x for x in only if x not in map(str, losses)]
+            if stray or not only:
+                raise SuiteError(f"suite {source}: grid[{i}].losses {only} must name losses of the suite's "
+                                 f"`losses:` list {losses}")
     baseline = str(raw.get("baseline") or ("softmax" if "softmax" in losses else losses[0]))
     if baseline not in losses:
         raise SuiteError(f"suite {source}: baseline {baseline!r} is not in losses {losses}")
@@ -202,7 +213,7 @@ def plan_suite(spec: SuiteSpec) -> list[PlannedRun]:
     for seed in spec.seeds:
         for grid_entry in spec.grid or [{}]:
             label = _grid_label(grid_entry)
-            for loss in spec.losses:
+            for loss in grid_entry.get("losses", spec.losses):
                 variant = f"{loss}-{label}" if label else loss
                 name = f"{variant}-s{seed}"
                 if name in seen:
@@ -210,7 +221,8 @@ def plan_suite(spec: SuiteSpec) -> list[PlannedRun]:
                                      "distinct `name:`")
                 seen[name] = True
                 overrides = {**spec.base, **spec.loss_params.get(loss, {}),
-                             **{k: v for k, v in grid_entry.items() if k != "name"}, "loss": loss, "seed": seed}
+                             **{k: v for k, v in grid_entry.items() if k not in GRID_KEYS}, "loss": loss,
+                             "seed": seed}
                 config, error = None, None
                 try:
                     config = Config.from_flat(**overrides)
@@ -251,6 +263,7 @@ def run_suite(
     quiet: bool = False,
     device: str | None = None,
     readme_pictures: bool | str | Path = False,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run every planned run that is not complete, then the comparison notebook.
@@ -263,6 +276,8 @@ def run_suite(
         quiet: no progress bars and no notebook output on the console, one line per run.
         device: ``cpu`` / ``cuda`` / ``auto`` for every run (overrides the suite's ``device``).
         readme_pictures: also copy the report figures to ``readme_pictures/`` (or this folder).
+        jobs: runs executed at a time; with ``jobs > 1`` each run gets ``threads`` = cores // jobs
+            (unless the suite sets ``threads``) and runs quietly, its output in its notebook.
         log: where progress lines go.
 
     Returns:
@@ -288,6 +303,8 @@ def run_suite(
             resolve_device(device)
         except (RuntimeError, ConfigError) as error:
             raise SuiteError(f"--device {device!r}: {error}") from None
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SuiteError(f"jobs={jobs!r} must be an integer >= 1 (runs executed at a time)")
     outcomes: list[RunOutcome] = []
     if dry_run:
         for run in plan:
@@ -303,10 +320,13 @@ def run_suite(
     declared = notebook_parameters(spec.notebook)
     t_suite = time.time()
     try:
-        for number, run in enumerate(plan, 1):
-            outcome = _run_one(run, spec, declared, quiet, device, log, prefix=f"[{number}/{len(plan)}]")
-            outcomes.append(outcome)
-            _write_suite_record(suite_dir, spec, plan, outcomes)
+        if jobs == 1:
+            for number, run in enumerate(plan, 1):
+                outcome = _run_one(run, spec, declared, quiet, device, log, prefix=f"[{number}/{len(plan)}]")
+                outcomes.append(outcome)
+                _write_suite_record(suite_dir, spec, plan, outcomes)
+        else:
+            _run_parallel(plan, spec, declared, device, log, jobs, outcomes, suite_dir)
         compare = run_compare(spec, suite_dir, quiet=quiet, readme_pictures=readme_pictures, log=log)
     finally:
         _write_suite_record(suite_dir, spec, plan, outcomes)
@@ -315,8 +335,41 @@ def run_suite(
     return result
 
 
+def _run_parallel(plan: list[PlannedRun], spec: SuiteSpec, declared: set[str], device: str | None,
+                  log: Callable[[str], None], jobs: int, outcomes: list[RunOutcome], suite_dir: Path) -> None:
+    """Execute ``plan`` ``jobs`` runs at a time (each notebook is its own kernel process).
+
+    Threads only wait on the kernels; ``outcomes`` ends in plan order. On Ctrl-C the runs not yet
+    started are cancelled; the kernels receive the same SIGINT, and an interrupted run resumes
+    from its ``last.pt`` next time.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    threads = max(1, available_cores() // jobs)
+    log(f"{jobs} runs at a time, {threads} thread(s) each")
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = {pool.submit(_run_one, run, spec, declared, True, device, log, f"[{number}/{len(plan)}]", threads): run
+               for number, run in enumerate(plan, 1)}
+    try:
+        for future in as_completed(futures):
+            outcomes.append(future.result())
+            _write_suite_record(suite_dir, spec, plan, outcomes)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    order = {run.name: i for i, run in enumerate(plan)}
+    outcomes.sort(key=lambda o: order[o.name])
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, device: str | None,
-             log: Callable[[str], None], prefix: str) -> RunOutcome:
+             log: Callable[[str], None], prefix: str, threads: int | None = None) -> RunOutcome:
     notebook_out = run.run_dir / EXPERIMENT_NOTEBOOK
     if run.error:
         log(f"{prefix} {run.name}: FAILED before start: {run.error}")
@@ -330,6 +383,8 @@ def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, 
         log(f"{prefix} {run.name}: the recorded config differs from the suite's; rerunning from scratch")
         shutil.rmtree(run.run_dir)
     parameters = notebook_run_parameters(run, declared, quiet=quiet, device=device, resume=state == "resume")
+    if threads is not None and "threads" not in run.overrides:
+        parameters["threads"] = threads
     log(f"{prefix} {run.name}: {'resuming' if state == 'resume' else 'running'} -> {notebook_out}")
     t0 = time.time()
     try:
@@ -544,12 +599,10 @@ def _check_fields(values: dict[str, Any], where: str) -> None:
 
 
 def _grid_label(entry: dict[str, Any]) -> str:
-    if not entry:
-        return ""
     if "name" in entry:
         label = str(entry["name"])
     else:
-        label = "-".join(f"{k}{v}" for k, v in entry.items())
+        label = "-".join(f"{k}{v}" for k, v in entry.items() if k not in GRID_KEYS)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
@@ -565,13 +618,16 @@ def _suite_args(parser) -> None:
     parser.add_argument("--readme-pictures", action="store_true",
                         help="also copy the report figures into readme_pictures/")
     parser.add_argument("--out-dir", default="runs", help="parent folder of runs/<suite>/ (default: runs)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs executed at a time, each with cores // N threads (default: 1); on a CPU "
+                             "2 single-thread runs train faster together than one 2-thread run")
 
 
 @command("suite", "run a suite of experiment notebooks with papermill, then the comparison", _suite_args)
 def run_suite_command(args) -> int:
     try:
         result = run_suite(args.suite, out_dir=args.out_dir, only=args.only, dry_run=args.dry_run, quiet=args.quiet,
-                           device=args.device, readme_pictures=args.readme_pictures)
+                           device=args.device, readme_pictures=args.readme_pictures, jobs=args.jobs)
     except SuiteError as error:
         print(f"foodlib suite: error: {error}", file=sys.stderr)
         return 2

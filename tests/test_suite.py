@@ -48,6 +48,17 @@ def test_overrides_layer_base_then_loss_params_then_grid(tmp_path):
     assert center.overrides["loss"] == "center" and center.overrides["seed"] == 0
 
 
+def test_grid_entry_losses_limit_it_to_those_losses(tmp_path):
+    grid = [{}, {"name": "lam0.1", "lam": 0.1, "losses": ["center"]}, {"weight_decay": 0.05, "losses": "softmax"}]
+    spec = S.load_suite(suite_text(grid=grid), tmp_path)
+    runs = S.plan_suite(spec)
+    assert [r.name for r in runs] == ["softmax-s0", "center-s0", "center-lam0.1-s0", "softmax-weight_decay0.05-s0"]
+    assert runs[2].config.loss.lam == 0.1 and "losses" not in runs[2].overrides
+    assert runs[3].config.optim.weight_decay == 0.05
+    with pytest.raises(S.SuiteError, match=r"grid\[0\].losses \['lgm'\] must name losses"):
+        S.load_suite(suite_text(grid=[{"lam": 0.1, "losses": ["lgm"]}]), tmp_path)
+
+
 def test_suite_name_defaults_to_the_file_name(tmp_path):
     path = tmp_path / "my-suite.yaml"
     path.write_text("base: {epochs: 1}\nlosses: [softmax]\n")
@@ -232,6 +243,35 @@ def test_only_dry_run_and_device(tmp_path, monkeypatch):
         S.run_suite(spec, only=["lgm-*"], log=lambda line: None)
     with pytest.raises(S.SuiteError, match="--device 'gpu'"):
         S.run_suite(spec, device="gpu", log=lambda line: None)
+
+
+def test_jobs_run_in_parallel_with_split_threads_and_keep_plan_order(tmp_path, monkeypatch):
+    import threading
+
+    both_running = threading.Barrier(2, timeout=10)  # fails (BrokenBarrierError) unless 2 runs overlap
+
+    class Overlapping(FakePapermill):
+        def __call__(self, notebook, output, parameters, quiet=False):
+            if Path(output).name != "compare.ipynb":
+                both_running.wait()
+            super().__call__(notebook, output, parameters, quiet)
+
+    fake = Overlapping(fail={"center-s0"})
+    monkeypatch.setattr(S, "execute_notebook", fake)
+    monkeypatch.setattr(S, "available_cores", lambda: 4)
+    result = S.run_suite(S.load_suite(suite_text(seeds=[0, 1]), tmp_path), jobs=2, log=lambda line: None)
+    assert [r.name for r in result.runs] == ["softmax-s0", "center-s0", "softmax-s1", "center-s1"]
+    assert [r.status for r in result.runs] == ["ok", "failed", "ok", "ok"] and result.exit_code == 1
+    run_params = [p for name, p in fake.calls if name != "compare.ipynb"]
+    assert all(p["threads"] == 2 and p["quiet"] is True for p in run_params)
+    assert fake.calls[-1][0] == "compare.ipynb"
+    # threads is a runtime field: the finished runs count as complete without --jobs
+    fake = FakePapermill()
+    monkeypatch.setattr(S, "execute_notebook", fake)
+    S.run_suite(S.load_suite(suite_text(seeds=[0, 1]), tmp_path), log=lambda line: None)
+    assert [c[0] for c in fake.calls] == ["center-s0", "compare.ipynb"]
+    with pytest.raises(S.SuiteError, match="jobs=0"):
+        S.run_suite(S.load_suite(suite_text(), tmp_path), jobs=0, log=lambda line: None)
 
 
 def test_cli_suite_dry_run_and_errors(tmp_path, capsys, monkeypatch):
