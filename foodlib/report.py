@@ -242,7 +242,7 @@ def _mean_ci_text(mean, low, high, digits: int, signed: bool = False) -> str:
 # ----- figures ------------------------------------------------------------------------------------
 
 def accuracy_figure(table: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None,
-                    metric: str = "top1") -> Figure:
+                    metric: str = "top1", split: str = "test") -> Figure:
     """One metric per variant: mean and t 95% CI over seeds.
 
     With a single seed per variant there is no spread over seeds; for top-1 the interval is then
@@ -258,13 +258,13 @@ def accuracy_figure(table: list[dict[str, Any]], rows: list[dict[str, Any]] | No
                                                        for v in names):
         lows = [by_variant[v]["top1_boot_low"] for v in names]
         highs = [by_variant[v]["top1_boot_high"] for v in names]
-        title = f"test {label}, one seed: bootstrap 95% CI over test images"
+        title = f"{split} {label}, one seed: bootstrap 95% CI over {split} images"
     elif seed_counts == [1]:
-        title = f"test {label}, one seed (no interval)"
+        title = f"{split} {label}, one seed (no interval)"
     else:
         over = f"{seed_counts[0]} seeds" if len(seed_counts) == 1 else "seeds"
-        title = f"test {label}: mean and 95% CI over {over}"
-    return P.accuracy_with_ci(names, means, lows, highs, title=title, ylabel=f"test {label}")
+        title = f"{split} {label}: mean and 95% CI over {over}"
+    return P.accuracy_with_ci(names, means, lows, highs, title=title, ylabel=f"{split} {label}")
 
 
 def umap_grid_figure(rows: list[dict[str, Any]], split: str = "test") -> Figure | None:
@@ -344,7 +344,7 @@ def lookalike_confusion_figure(rows: list[dict[str, Any]], split: str = "test",
 # ----- report.md ----------------------------------------------------------------------------------
 
 def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, baseline: str | None = None,
-                 split: str = "test") -> Path:
+                 split: str | None = None) -> Path:
     """Write ``suite_dir/report.md`` and ``suite_dir/figures/*.png``; optionally copy the figures.
 
     Args:
@@ -352,7 +352,8 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
         copy_to: also copy each figure to ``copy_to/<suite>_<figure>.png`` (e.g. ``readme_pictures``).
         baseline: loss or variant to compare against; default the suite's baseline (suite.json),
             else softmax when present, else the first variant.
-        split: which split's metrics and features to report.
+        split: which split's metrics and features to report; default ``test``, or ``val`` when no
+            run evaluated test (a tuning suite with ``eval_test: false``).
 
     Returns:
         The path of report.md.
@@ -366,6 +367,8 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
     import matplotlib
 
     suite_dir = Path(suite_dir)
+    if split is None:
+        split = "test" if any("top1" in r for r in collect_runs(suite_dir, "test")) else "val"
     rows = collect_runs(suite_dir, split)
     if not rows:
         raise FileNotFoundError(f"no finished run (*/metrics.json) in {suite_dir}; run the suite first")
@@ -379,7 +382,7 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
     figures: dict[str, Path] = {}
     fig_dir = suite_dir / "figures"
     with matplotlib.rc_context({"figure.max_open_warning": 0}):
-        candidates = {"accuracy_ci": accuracy_figure(table, rows), "umap_grid": umap_grid_figure(rows, split),
+        candidates = {"accuracy_ci": accuracy_figure(table, rows, split=split), "umap_grid": umap_grid_figure(rows, split),
                       "lookalike_confusion": lookalike_confusion_figure(rows, split)}
     for key, fig in candidates.items():
         if fig is not None:
@@ -394,20 +397,20 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
             f"{r['name']} ({r.get('status') or 'not run'})" for r in missing) + ".")
     lines += ["", f"## {split.capitalize()} metrics: mean [95% CI] over seeds", "", markdown_table(table), ""]
     lines.append("Intervals are Student-t over seeds (none with one seed). Fisher ratio = trace(S_B) / trace(S_W); "
-                 "kNN top-1 classifies each test embedding by its nearest training embedding.")
+                 f"kNN top-1 classifies each {split} embedding by its nearest training embedding.")
     if paired:
-        lines += ["", f"## Against {baseline}: test top-1, paired by seed", "", markdown_paired(paired), ""]
+        lines += ["", f"## Against {baseline}: {split} top-1, paired by seed", "", markdown_paired(paired), ""]
         lines.append("Difference = variant - baseline on the same seeds, with a paired t interval and p-value "
                      "(needs at least 2 seeds).")
     lines += ["", "## Figures", ""]
     one_seed = all(e["n"] == 1 for e in table)
-    captions = {"accuracy_ci": "Test top-1 with the bootstrap 95% CI over test images (one seed)" if one_seed
-                else "Test top-1, mean and 95% CI over seeds",
-                "umap_grid": "UMAP of test embeddings, one seed per variant (same test images)",
+    captions = {"accuracy_ci": f"{split.capitalize()} top-1 with the bootstrap 95% CI over {split} images (one seed)"
+                if one_seed else f"{split.capitalize()} top-1, mean and 95% CI over seeds",
+                "umap_grid": f"UMAP of {split} embeddings, one seed per variant (same {split} images)",
                 "lookalike_confusion": "Confusion among the most look-alike classes"}
     for key, path in figures.items():
         lines += [f"![{captions[key]}]({path.relative_to(suite_dir).as_posix()})", f"*{captions[key]}*", ""]
-    lines += ["## Runs", "", "| run | loss | seed | test top-1 | val top-1 | best epoch | train s |",
+    lines += ["## Runs", "", f"| run | loss | seed | {split} top-1 | val top-1 | best epoch | train s |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['loss']} | {r['seed']} | {_num(r.get('top1'), 3)} | "

@@ -217,6 +217,19 @@ def test_write_report_without_features_or_runs(tmp_path):
         R.write_report(tmp_path / "empty")
 
 
+def test_tuning_suite_without_test_reports_val(tmp_path):
+    for name, loss, val in (("softmax-s0", "softmax", 0.61), ("center-lam0.1-s0", "center", 0.64)):
+        run_dir = tmp_path / "tune" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps(
+            {"best_epoch": 5, "train_seconds": 9.0, "val": {"n": 50, "top1": val, "fisher_ratio": 1.5}}))
+        (run_dir / "config.yaml").write_text(f"loss:\n  loss: {loss}\ntrain:\n  seed: 0\n")
+    text = R.write_report(tmp_path / "tune").read_text()
+    assert "## Val metrics" in text and "test" not in text.lower().replace("tests", "")
+    assert "| center-lam0.1 | 1 | 0.640 |" in text
+    assert "| center-lam0.1-s0 | center | 0 | 0.640 | 0.640 | 5 | 9 |" in text
+
+
 def test_report_cli(suite_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["report", str(suite_dir), "--readme-pictures"]) == 0
