@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,3 +97,53 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     import torch  # local: io stays importable without torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ----- generated folders: written aside, then swapped in -------------------------------------------
+
+def check_replaceable(root: Path, marker: str, what: str, allowed: tuple[str, ...]) -> None:
+    """Refuse to replace a folder that holds files foodlib did not write (anything but ``allowed`` and ``marker``)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a folder; pass another root for the {what} dataset")
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in (*allowed, marker))
+    if foreign:
+        raise FileExistsError(
+            f"{root} holds files that are not part of a {what} dataset ({', '.join(foreign[:5])}); "
+            f"refusing to replace it: pass an empty or new folder as root"
+        )
+
+
+def building_dir(root: Path) -> Path:
+    """A fresh hidden sibling of ``root`` to write a generated folder into before :func:`swap_in`."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = root.parent / f".{root.name}.building-{uuid.uuid4().hex[:8]}"
+    building.mkdir()
+    return building
+
+
+def swap_in(building: Path, root: Path, marker: str, expected: dict) -> None:
+    """Replace ``root`` by the finished ``building`` folder (another process may have won the race).
+
+    ``root / marker`` holding ``expected`` means an equal folder is already in place; it is kept.
+    """
+    if root.exists():
+        if read_json_or_none(root / marker) == expected:
+            return  # written meanwhile by a concurrent call with the same settings
+        retired = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
+        root.rename(retired)
+        shutil.rmtree(retired, ignore_errors=True)
+    try:
+        building.rename(root)
+    except OSError:
+        if read_json_or_none(root / marker) != expected:
+            raise
+
+
+def read_json_or_none(path: Path):
+    """The JSON value in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from foodlib.data.dishes import _building_dir, _check_replaceable, _json_or_none, _swap_in
-from foodlib.io import cache_home
+from foodlib.io import building_dir, cache_home, check_replaceable, read_json_or_none, swap_in
 
 #: bump when the way images are written changes, so written folders are rebuilt.
 DIGITS_VERSION = 1
 MARKER_NAME = "digits.json"
+SPLITS = ("train", "test")
 _RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -104,25 +104,25 @@ def write_digits(
         "resample": resample,
         "version": DIGITS_VERSION,
     }
-    if _json_or_none(root / MARKER_NAME) == settings:
+    if read_json_or_none(root / MARKER_NAME) == settings:
         return root
-    _check_replaceable(root, MARKER_NAME, "digits")
+    check_replaceable(root, MARKER_NAME, "digits", SPLITS)
 
     images, labels = digits_arrays(image_size, resample)
     indices = np.arange(len(labels))
     train_idx, test_idx = train_test_split(
         indices, test_size=test_fraction, stratify=labels, random_state=seed
     )
-    building = _building_dir(root)
+    building = building_dir(root)
     try:
-        for split, chosen in (("train", train_idx), ("test", test_idx)):
+        for split, chosen in zip(SPLITS, (train_idx, test_idx)):
             for digit in range(10):
                 (building / split / str(digit)).mkdir(parents=True, exist_ok=True)
             for i in sorted(chosen):
                 path = building / split / str(labels[i]) / f"{i:04d}.png"
                 Image.fromarray(images[i], "RGB").save(path, compress_level=1)
         (building / MARKER_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        _swap_in(building, root, MARKER_NAME, settings)
+        swap_in(building, root, MARKER_NAME, settings)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return root

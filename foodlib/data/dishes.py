@@ -39,14 +39,13 @@ import json
 import math
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from foodlib.io import cache_home
+from foodlib.io import building_dir, cache_home, check_replaceable, swap_in
 from PIL import Image, ImageFilter
 
 #: bump when the rendering changes, so written datasets and caches keyed on the spec are rebuilt.
@@ -586,7 +585,7 @@ def write_dishes(root: str | os.PathLike, spec: DishesSpec | None = None, progre
     root = Path(root)
     if read_marker(root) == spec.to_dict():
         return root
-    _check_replaceable(root, MARKER_NAME, "dishes")
+    check_replaceable(root, MARKER_NAME, "dishes", SPLITS)
 
     names = class_names(spec)
     counts = {"train": spec.train_per_class, "val": spec.val_per_class, "test": spec.test_per_class}
@@ -599,7 +598,7 @@ def write_dishes(root: str | os.PathLike, spec: DishesSpec | None = None, progre
     ]
     from tqdm.auto import tqdm
 
-    building = _building_dir(root)
+    building = building_dir(root)
     try:
         for split in SPLITS:
             for name in names if counts[split] else []:
@@ -608,50 +607,7 @@ def write_dishes(root: str | os.PathLike, spec: DishesSpec | None = None, progre
             pixels = render_dish(spec, c, offsets[split] + i)
             Image.fromarray(pixels).save(building / split / names[c] / f"{i:05d}.png", compress_level=1)
         (building / MARKER_NAME).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
-        _swap_in(building, root, MARKER_NAME, spec.to_dict())
+        swap_in(building, root, MARKER_NAME, spec.to_dict())
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return root
-
-
-def _check_replaceable(root: Path, marker: str, what: str) -> None:
-    """Refuse to replace a folder that holds files foodlib did not write."""
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a folder; pass another root for the {what} dataset")
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in (*SPLITS, marker))
-    if foreign:
-        raise FileExistsError(
-            f"{root} holds files that are not part of a {what} dataset ({', '.join(foreign[:5])}); "
-            f"refusing to replace it: pass an empty or new folder as root"
-        )
-
-
-def _building_dir(root: Path) -> Path:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    building = root.parent / f".{root.name}.building-{uuid.uuid4().hex[:8]}"
-    building.mkdir()
-    return building
-
-
-def _swap_in(building: Path, root: Path, marker: str, expected: dict) -> None:
-    """Replace ``root`` by the finished ``building`` folder (another process may have won the race)."""
-    if root.exists():
-        if _json_or_none(root / marker) == expected:
-            return  # written meanwhile by a concurrent call with the same spec
-        retired = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-        root.rename(retired)
-        shutil.rmtree(retired, ignore_errors=True)
-    try:
-        building.rename(root)
-    except OSError:
-        if _json_or_none(root / marker) != expected:
-            raise
-
-
-def _json_or_none(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
