@@ -1,5 +1,13 @@
 # ---
 # jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -109,13 +117,15 @@ print({split: run_features[split]["embeddings"].shape for split in ("train", "va
 metrics_table = pd.DataFrame({split: result.metrics[split] for split in ("train", "val", "test")
                               if split in result.metrics}).T.drop(columns=["top1_ci", "n"], errors="ignore")
 display(metrics_table.astype(float).round(4))
-print(f"test top-1 {result.metrics['test']['top1']:.3f}, bootstrap 95% CI {result.metrics['test']['top1_ci']}")
+shown = "test" if "test" in result.metrics else "val"  # eval_test=False (tuning) keeps test out
+print(f"{shown} top-1 {result.metrics[shown]['top1']:.3f}"
+      + (f", bootstrap 95% CI {result.metrics[shown]['top1_ci']}" if "top1_ci" in result.metrics[shown] else ""))
 
 # %%
-test_features = run_features["test"]
-test_confusion = M.confusion_matrix(test_features["labels"], test_features["logits"].argmax(1), len(dataset.classes))
-display(Markdown("Most confused test pairs (both directions): " + ", ".join(
-    f"{a} / {b}: {n}" for a, b, n in M.most_confused_pairs(test_confusion, dataset.classes, k=5))))
+shown_features = run_features[shown]
+confusion = M.confusion_matrix(shown_features["labels"], shown_features["logits"].argmax(1), len(dataset.classes))
+display(Markdown(f"Most confused {shown} pairs (both directions): " + ", ".join(
+    f"{a} / {b}: {n}" for a, b, n in M.most_confused_pairs(confusion, dataset.classes, k=5))))
 
 # %% [markdown]
 # ## Figures
