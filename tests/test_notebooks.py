@@ -11,6 +11,7 @@ notebook runs through papermill with tiny parameters. The kernel must be the ven
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 from pathlib import Path
@@ -191,6 +192,16 @@ def test_experiment_runs_on_the_venv_python_and_writes_its_run(tiny_suite):
     nb = nbformat.read(run.notebook, as_version=4)
     outputs = [o for c in code_cells(nb) for o in c.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # the run's figures, shown inline
+
+
+@pytest.mark.slow
+def test_experiment_keeps_test_out_when_tuning(tiny_suite, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parameters = {**tiny_parameters("experiment.ipynb", tmp_path, tiny_suite), "eval_test": False}
+    S.execute_notebook(NOTEBOOKS_DIR / "experiment.ipynb", tmp_path / "tune.ipynb", parameters, quiet=True)
+    assert errors_in(tmp_path / "tune.ipynb") == []
+    assert "val top-1" in printed_text(tmp_path / "tune.ipynb")
+    assert "test" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
 
 
 @pytest.mark.slow
