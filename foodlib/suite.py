@@ -348,8 +348,8 @@ def _run_parallel(plan: list[PlannedRun], spec: SuiteSpec, declared: set[str], d
     threads = max(1, available_cores() // jobs)
     log(f"{jobs} runs at a time, {threads} thread(s) each")
     pool = ThreadPoolExecutor(max_workers=jobs)
-    futures = {pool.submit(_run_one, run, spec, declared, True, device, log, f"[{number}/{len(plan)}]", threads): run
-               for number, run in enumerate(plan, 1)}
+    futures = [pool.submit(_run_one, run, spec, declared, True, device, log, f"[{number}/{len(plan)}]", threads)
+               for number, run in enumerate(plan, 1)]
     try:
         for future in as_completed(futures):
             outcomes.append(future.result())
