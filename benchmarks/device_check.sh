@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 6's GPU measurements as one prepared run, for a session lent a GPU machine (the `device` tool).
+#
+#   bash benchmarks/device_check.sh prepare    # here, once: real photos into .device_data/ (git-ignored, ~45 MB)
+#   bash benchmarks/device_check.sh run        # there: run(command=..., carry=[".device_data"], timeout_s=540)
+#
+# `run` measures, each step logged to $OUT/<step>.log (what the device tool brings back):
+#   env        GPU, driver, python and torch versions
+#   synthetic  gpu_check.py: ResNet-18, 224 px, bf16, channels_last, batch 256, synthetic cached images
+#   real       gpu_check.py on the carried food101-10 photos (decoded cache built there first)
+#   pipeline   bench_pipeline.py on the GPU: the earlier attempt's loader (ImageFolder + PIL, workers, float32)
+#              against foodlib's (cache + batch augmentation on the GPU + bf16), same model, 112 px, same data;
+#              then fit() itself (amp auto and off) for its own img/s
+#   compile    gpu_check.py --compile (last: the one step whose start-up time is hard to predict)
+# The machine's python3 already has torch, torchvision, numpy, Pillow, PyYAML and tqdm; foodlib is imported
+# from this checkout. Everything runs on the CPU too, as a smoke test of the script:
+#   DEVICE=cpu SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/device_check.sh run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SOURCE=${SOURCE:-../shared/data/food101-10}
+DATA=${DATA:-.device_data/food101-10}
+PER_CLASS=${PER_CLASS:-150}   # 10 classes x 150 train photos of ~29 KB: under the tool's 64 MiB carry limit
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-/tmp/foodlib-device-check}
+STEP_TIMEOUT=${STEP_TIMEOUT:-200}
+
+prepare() {
+    if [ ! -d "$SOURCE/train" ]; then
+        echo "no ImageFolder train/ under $SOURCE; set SOURCE=ROOT of food101-10" >&2
+        return 2
+    fi
+    rm -rf "$DATA" && mkdir -p "$DATA/train"
+    for class_dir in "$SOURCE"/train/*/; do
+        class=$(basename "$class_dir")
+        mkdir -p "$DATA/train/$class"
+        find "$class_dir" -maxdepth 1 -name '*.jpg' | sort | head -n "$PER_CLASS" | xargs -I{} cp {} "$DATA/train/$class/"
+    done
+    echo "$(find "$DATA" -name '*.jpg' | wc -l) photos, $(du -sh "$DATA" | cut -f1), in $DATA (git-ignored; never commit them)"
+}
+
+step() {  # step NAME COMMAND...: run it with a time limit, echo and keep its output
+    local name=$1
+    shift
+    echo "== $name: $*"
+    timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+run() {
+    if [ ! -d "$DATA/train" ]; then
+        echo "no photos under $DATA: run 'bash benchmarks/device_check.sh prepare' here and carry .device_data" >&2
+        return 2
+    fi
+    mkdir -p "$OUT"
+    export PYTHONUNBUFFERED=1
+    local check=(benchmarks/gpu_check.py --device "$DEVICE")
+    local pipeline=(--batch-size 128 --workers 8 --rounds 3 --steps 20 --data-batches 20
+                    --fit-amp auto off --fit-epochs 2 --fit-per-class "$PER_CLASS")
+    if [ -n "${SMOKE:-}" ]; then  # a minute on the development machine's CPU: a check of the script, not a number
+        check+=(--steps 2 --warmup 1 --batch-size 4)
+        pipeline=(--batch-size 8 --workers 2 --rounds 1 --steps 1 --data-batches 2
+                  --fit-amp auto --fit-epochs 1 --fit-per-class 4)
+    fi
+    step env "$PYTHON" -c "import platform, torch, torchvision; print(platform.python_version(), torch.__version__, \
+torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', \
+torch.get_num_threads(), 'threads')"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.log"
+    step synthetic "$PYTHON" "${check[@]}"
+    step real "$PYTHON" "${check[@]}" --data "$DATA" --cache-dir "$OUT/cache"
+    step pipeline "$PYTHON" benchmarks/bench_pipeline.py --device "$DEVICE" --data "$DATA" "${pipeline[@]}" \
+        --json "$OUT/pipeline.json"
+    rm -rf "$OUT/cache"
+    step compile "$PYTHON" "${check[@]}" --compile
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: bash benchmarks/device_check.sh prepare|run  (see the comment at the top)" >&2; exit 2 ;;
+esac
