@@ -5,12 +5,16 @@ half-written checkpoint or metrics file.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -147,3 +151,55 @@ def read_json_or_none(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# ----- one writer per folder -------------------------------------------------------------------------
+
+LOCK_NAME = ".foodlib.lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another process is writing into the folder (a second training or suite aimed at the same place)."""
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str):
+    """Hold ``folder``'s write lock while the block runs; fail at once, naming the holder, if it is taken.
+
+    An advisory ``flock`` on ``folder/.foodlib.lock`` (released by the OS if the process dies, so a
+    killed run never leaves the folder locked). The file says who holds it and is removed on release.
+
+    >>> with folder_lock("runs/try", "a training run"):   # doctest: +SKIP
+    ...     train()
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FolderBusyError(
+                f"{folder} is in use by {holder}; wait for it to finish, or choose another folder"
+            ) from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: a waiter re-checks the inode (above)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

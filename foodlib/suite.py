@@ -50,6 +50,7 @@ import yaml
 
 from foodlib.cli import command
 from foodlib.config import Config, ConfigError
+from foodlib.io import atomic_write_json, folder_lock
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
 #: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
@@ -283,6 +284,9 @@ def run_suite(
     Returns:
         A :class:`SuiteResult`; its ``exit_code`` is 1 if any run or the comparison failed.
 
+    Raises:
+        FolderBusyError: another ``run_suite`` is running in the same suite folder.
+
     >>> result = run_suite("suites/demo.yaml", only=["softmax-*"])   # doctest: +SKIP
     >>> result.exit_code                                              # doctest: +SKIP
     0
@@ -314,22 +318,23 @@ def run_suite(
             log(f"{run.name:<28} {state:<9} {shown}" + (f"  ({run.error})" if run.error else ""))
         return SuiteResult(spec, suite_dir, outcomes)
 
-    suite_dir.mkdir(parents=True, exist_ok=True)
-    if spec.source_text:
-        (suite_dir / "suite.yaml").write_text(spec.source_text)
-    declared = notebook_parameters(spec.notebook)
-    t_suite = time.time()
-    try:
-        if jobs == 1:
-            for number, run in enumerate(plan, 1):
-                outcome = _run_one(run, spec, declared, quiet, device, log, prefix=f"[{number}/{len(plan)}]")
-                outcomes.append(outcome)
-                _write_suite_record(suite_dir, spec, plan, outcomes)
-        else:
-            _run_parallel(plan, spec, declared, device, log, jobs, outcomes, suite_dir)
-        compare = run_compare(spec, suite_dir, quiet=quiet, readme_pictures=readme_pictures, log=log)
-    finally:
-        _write_suite_record(suite_dir, spec, plan, outcomes)
+    # One suite process per folder: a second one would run the same runs into the same folders.
+    with folder_lock(suite_dir, f"`foodlib suite` {spec.name}"):
+        if spec.source_text:
+            (suite_dir / "suite.yaml").write_text(spec.source_text)
+        declared = notebook_parameters(spec.notebook)
+        t_suite = time.time()
+        try:
+            if jobs == 1:
+                for number, run in enumerate(plan, 1):
+                    outcome = _run_one(run, spec, declared, quiet, device, log, prefix=f"[{number}/{len(plan)}]")
+                    outcomes.append(outcome)
+                    _write_suite_record(suite_dir, spec, plan, outcomes)
+            else:
+                _run_parallel(plan, spec, declared, device, log, jobs, outcomes, suite_dir)
+            compare = run_compare(spec, suite_dir, quiet=quiet, readme_pictures=readme_pictures, log=log)
+        finally:
+            _write_suite_record(suite_dir, spec, plan, outcomes)
     result = SuiteResult(spec, suite_dir, outcomes, compare)
     log(format_summary(result, time.time() - t_suite))
     return result
@@ -503,8 +508,6 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
 
 def _write_suite_record(suite_dir: Path, spec: SuiteSpec, plan: list[PlannedRun], outcomes: list[RunOutcome]) -> None:
     """``suite.json``: each run's variant, loss, seed, overrides and last status (the report reads it)."""
-    from foodlib.io import atomic_write_json
-
     record = {"name": spec.name, "baseline": spec.baseline, "losses": spec.losses, "seeds": spec.seeds, "runs": []}
     previous = {}
     if (suite_dir / "suite.json").is_file():

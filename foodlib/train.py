@@ -12,6 +12,7 @@ run that was interrupted, wherever it was killed.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -34,7 +35,7 @@ from foodlib.data.augment import augment_options, eval_transform, train_transfor
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
                                  setup_distributed, wrap_ddp)
-from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
 
@@ -392,6 +393,9 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     Phases per epoch: schedules -> train (lr, forward, loss, backward, step, center update) ->
     val -> trace -> checkpoints. After the last epoch: best checkpoint -> val/test metrics ->
     features, feature metrics and figures (``features`` / ``figures`` config switches).
+
+    One fit() writes a run folder at a time: a second one aimed at the same ``out`` (another
+    notebook, terminal or suite) fails at once with :class:`~foodlib.io.FolderBusyError`.
     """
     cfg.validate()
     t_start = time.time()
@@ -401,8 +405,15 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     info = setup_distributed(device)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    main = info.is_main
     run_dir = Path(cfg.train.out).expanduser()
+    # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
+    with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
+        return _fit(cfg, data, device, info, run_dir, t_start)
+
+
+def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, run_dir: Path, t_start: float) -> RunResult:
+    """fit()'s body, with the run folder locked."""
+    main = info.is_main
     progress = main and not cfg.train.quiet
     log = print if main else (lambda *a, **k: None)
 

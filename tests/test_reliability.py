@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from conftest import rewrite_training_forward, tiny_config
 from foodlib.cli import main as cli_main
 from foodlib.config import Config, ConfigError
 from foodlib.data import BadFilesError
-from foodlib.io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from foodlib.io import (LOCK_NAME, FolderBusyError, atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text,
+                        folder_lock, remove_stale_temp_files)
 from foodlib.losses import LossOutput, create_loss
 from foodlib.models import create_model
 from foodlib.train import CheckpointError, NonFiniteLossError, fit, load_checkpoint, load_run
@@ -125,6 +128,49 @@ def test_remove_stale_temp_files_removes_only_what_atomic_write_leaves(tmp_path)
         path.write_bytes(b"x")
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert not stale.exists() and all(path.exists() for path in keep)
+
+
+# ----- one writer per folder -------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from foodlib.io import folder_lock
+with folder_lock(sys.argv[1], "a test holder"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_folder_lock_names_its_holder_and_is_released_when_the_holder_is_killed(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError, match=rf"{tmp_path} is in use by a test holder \(pid {holder.pid} "):
+            with folder_lock(tmp_path, "a second writer"):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs, the OS drops the lock
+        holder.wait()
+    with folder_lock(tmp_path, "a second writer"):
+        assert "a second writer" in (tmp_path / LOCK_NAME).read_text()
+    assert not (tmp_path / LOCK_NAME).exists()  # removed on release
+    with folder_lock(tmp_path, "a third writer"):
+        with pytest.raises(FolderBusyError, match="a third writer"):  # also within one process
+            with folder_lock(tmp_path, "a nested writer"):
+                pass
+
+
+def test_fit_refuses_a_run_folder_another_process_is_writing(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, epochs=1)
+    with folder_lock(cfg.train.out, "another training run"):
+        with pytest.raises(FolderBusyError, match="in use by another training run"):
+            fit(cfg)
+        assert cli_main(["train", "--data", "dishes", "--out", cfg.train.out, "--quiet"]) == 2
+        assert "in use by another training run" in capsys.readouterr().err
+        assert sorted(p.name for p in Path(cfg.train.out).iterdir()) == [LOCK_NAME]  # nothing written
+    result = fit(cfg)  # once the holder is gone
+    assert (result.run_dir / "metrics.json").is_file() and not (result.run_dir / LOCK_NAME).exists()
 
 
 # ----- damaged checkpoints ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 import foodlib.suite as S
 from foodlib.cli import main as cli_main
 from foodlib.config import Config
+from foodlib.io import FolderBusyError, folder_lock
 
 TINY_BASE = {"data": "dishes", "dishes_classes": 3, "dishes_per_class": 30, "image_size": 32, "backbone": "smallcnn",
              "epochs": 1, "batch_size": 8, "workers": 0}
@@ -283,6 +284,23 @@ def test_cli_suite_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     assert cli_main(["suite", "s.yaml", "--only", "nope"]) == 2
     assert "matches no run" in capsys.readouterr().err
     assert cli_main(["suite", "missing.yaml"]) == 2
+
+
+def test_a_second_suite_process_on_the_same_folder_is_refused(tmp_path, capsys, monkeypatch):
+    fake = FakePapermill()
+    monkeypatch.setattr(S, "execute_notebook", fake)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(suite_text())
+    spec = S.load_suite(tmp_path / "s.yaml", tmp_path / "runs")
+    with folder_lock(tmp_path / "runs" / "tiny", "`foodlib suite` tiny"):  # as the first process holds it
+        with pytest.raises(FolderBusyError, match=r"runs/tiny is in use by `foodlib suite` tiny \(pid "):
+            S.run_suite(spec, log=lambda line: None)
+        assert cli_main(["suite", "s.yaml"]) == 2
+        assert "in use by `foodlib suite` tiny" in capsys.readouterr().err
+        assert cli_main(["suite", "s.yaml", "--dry-run"]) == 0  # looking is always allowed
+        assert fake.calls == [] and not (tmp_path / "runs" / "tiny" / "suite.json").exists()
+    assert S.run_suite(spec, log=lambda line: None).exit_code == 0
+    assert len(fake.calls) == 3
 
 
 def test_repository_suites_are_valid():
