@@ -1,7 +1,8 @@
 """Crash-safe file writes: a temporary file in the same folder, fsync, then an atomic rename.
 
 A run killed at any moment (SIGKILL included) leaves either the old file or the new one, never a
-half-written checkpoint or metrics file.
+half-written checkpoint or metrics file. Also: generated folders written aside and swapped in, and
+:func:`folder_lock`, which keeps a second process from writing into a run or suite folder.
 """
 from __future__ import annotations
 
