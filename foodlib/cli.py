@@ -2,6 +2,7 @@
 
     foodlib train --data PATH|dishes|digits|food101:ROOT --loss center --epochs 10 --out runs/NAME
     foodlib data-check PATH
+    foodlib cache [--prune]
     foodlib analyse RUN_DIR
     foodlib suite suites/NAME.yaml
     foodlib predict RUN_DIR PATH... / embed / export
@@ -76,6 +77,25 @@ def run_data_check(args) -> int:
     from foodlib.data.scan import main_data_check
 
     return main_data_check(args.path, as_json=args.json, fail_on_error=args.fail_on_error)
+
+
+# ----- cache ------------------------------------------------------------------------------------
+
+def _cache_args(parser):
+    parser.add_argument("--cache-dir", default=None, help="default: $FOODLIB_CACHE or ~/.cache/foodlib")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove caches whose files changed or are gone, and unfinished builds")
+    parser.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                        help="also remove caches not used for DAYS days (implies --prune)")
+    parser.add_argument("--dry-run", action="store_true", help="with --prune: only say what would be removed")
+
+
+@command("cache", "list the decoded-image caches (size, last use, still current?); --prune removes stale ones",
+         _cache_args)
+def run_cache(args) -> int:
+    from foodlib.data.caches import main_cache
+
+    return main_cache(args.cache_dir, args.prune, args.older_than, args.dry_run)
 
 
 # ----- analyse ----------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from foodlib.io import cache_home
+from foodlib.io import atomic_write_json, atomic_write_text, cache_home, read_json_or_none
 from foodlib.data.images import ImageDecodeError, load_image_array
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
@@ -66,16 +68,50 @@ class DecodedImages:
         return {p: i for i, p in enumerate(self.paths)}
 
 
+def _lock_file(path: Path, mode: int):
+    """``path`` opened and ``flock``-ed with ``mode``; retried if a pruner removed the file meanwhile."""
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, mode)
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # we locked a file prune_caches() had already unlinked: take the new one
+
+
 @contextmanager
 def _locked(lock_path: Path):
     """An exclusive file lock, so two processes (DDP ranks, parallel notebooks) never build one cache twice."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    handle = _lock_file(lock_path, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+_IN_USE: dict[str, object] = {}  # "<folder>/<key>" -> open handle holding a shared lock on <key>.use
+
+
+def _mark_in_use(folder: Path, key: str) -> None:
+    """Keep a shared lock on ``key.use`` until this process exits: prune_caches() skips caches in use.
+
+    Held for the life of the process (a notebook kernel keeps its data until restarted), shared by
+    forked loader workers; the OS drops it when the process ends, killed or not.
+    """
+    name = str(folder / key)
+    if name not in _IN_USE:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _IN_USE[name] = _lock_file(folder / f"{key}.use", fcntl.LOCK_SH)
+        except OSError:  # a read-only cache folder: nobody can prune it either
+            pass
 
 
 def build_cache(
@@ -99,10 +135,17 @@ def build_cache(
     shape = (len(paths), side, side, 3)
 
     with _locked(folder / f"{key}.lock"):
+        _mark_in_use(folder, key)
         if meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
             meta = json.loads(meta_file.read_text())
+            try:
+                os.utime(meta_file)  # "last used", for `foodlib cache` and prune_caches(older_than_days=...)
+            except OSError:
+                pass
             array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
             return DecodedImages(paths, array, meta.get("errors", {}), str(data_file))
+        if progress:
+            _mention_other_caches(folder, key, paths)
 
         tmp_file = data_file.with_suffix(".u8.tmp")
         out = np.memmap(tmp_file, dtype=np.uint8, mode="w+", shape=shape)
@@ -127,11 +170,37 @@ def build_cache(
         out.flush()
         del out
         os.replace(tmp_file, data_file)
-        from foodlib.io import atomic_write_json
-
-        atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION})
+        atomic_write_text(folder / f"{key}.paths", "".join(f"{p}\n" for p in paths))  # for `foodlib cache`
+        atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION,
+                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S")})
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
         return DecodedImages(paths, array, errors, str(data_file))
+
+
+def source_root(paths: Sequence[str]) -> str | None:
+    """The folder all ``paths`` live under (what `foodlib cache` shows as a cache's source)."""
+    try:
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else None
+    except ValueError:  # paths on different drives (Windows)
+        return None
+
+
+def format_size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _mention_other_caches(folder: Path, key: str, paths: Sequence[str]) -> None:
+    """Before a build, say how much disk older caches of the same data take, and how to free it."""
+    root = source_root(paths)
+    others = []
+    for meta_file in folder.glob("*.json"):
+        meta = read_json_or_none(meta_file)
+        if meta_file.stem != key and isinstance(meta, dict) and meta.get("root") == root:
+            data_file = meta_file.with_suffix(".u8")
+            others.append(data_file.stat().st_size if data_file.is_file() else 0)
+    if others:
+        print(f"{len(others)} other decoded cache(s) of {root} take {format_size(sum(others))} in {folder}: "
+              "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed", file=sys.stderr)
 
 
 class ImageSource:
