@@ -163,6 +163,35 @@ class FolderBusyError(RuntimeError):
     """Another process is writing into the folder (a second training or suite aimed at the same place)."""
 
 
+def lock_file(path: str | Path, mode: int):
+    """``path`` opened (created if needed) and ``flock``-ed with ``mode``; returns the open handle.
+
+    If the holder before us removed the file between our open and our lock, we would hold a lock on
+    a deleted file that nobody else sees: then the new file is opened and locked instead. Raises
+    ``BlockingIOError`` when ``mode`` includes ``LOCK_NB`` and another holder has it.
+    """
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, mode)
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def read_text_or_none(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
 @contextmanager
 def folder_lock(folder: str | Path, what: str):
     """Hold ``folder``'s write lock while the block runs; fail at once, naming the holder, if it is taken.
@@ -176,24 +205,11 @@ def folder_lock(folder: str | Path, what: str):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise FolderBusyError(
-                f"{folder} is in use by {holder}; wait for it to finish, or choose another folder"
-            ) from None
-        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()
+    try:
+        handle = lock_file(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = (read_text_or_none(path) or "").strip() or "another process"
+        raise FolderBusyError(f"{folder} is in use by {holder}; wait for it to finish, or choose another folder") from None
     try:
         handle.seek(0)
         handle.truncate()
@@ -201,6 +217,6 @@ def folder_lock(folder: str | Path, what: str):
         handle.flush()
         yield
     finally:
-        path.unlink(missing_ok=True)  # still holding the lock: a waiter re-checks the inode (above)
+        path.unlink(missing_ok=True)  # still holding the lock: lock_file() in a waiter re-checks the inode
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from foodlib.io import atomic_write_json, atomic_write_text, cache_home, read_json_or_none
+from foodlib.io import atomic_write_json, atomic_write_text, cache_home, lock_file, read_json_or_none
 from foodlib.data.images import ImageDecodeError, load_image_array
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
@@ -68,28 +68,11 @@ class DecodedImages:
         return {p: i for i, p in enumerate(self.paths)}
 
 
-def _lock_file(path: Path, mode: int):
-    """``path`` opened and ``flock``-ed with ``mode``; retried if a pruner removed the file meanwhile."""
-    while True:
-        handle = open(path, "a")
-        try:
-            fcntl.flock(handle, mode)
-        except BaseException:
-            handle.close()
-            raise
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        except FileNotFoundError:
-            pass
-        handle.close()  # we locked a file prune_caches() had already unlinked: take the new one
-
-
 @contextmanager
 def _locked(lock_path: Path):
     """An exclusive file lock, so two processes (DDP ranks, parallel notebooks) never build one cache twice."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _lock_file(lock_path, fcntl.LOCK_EX)
+    handle = lock_file(lock_path, fcntl.LOCK_EX)
     try:
         yield
     finally:
@@ -109,7 +92,7 @@ def _mark_in_use(folder: Path, key: str) -> None:
     name = str(folder / key)
     if name not in _IN_USE:
         try:
-            _IN_USE[name] = _lock_file(folder / f"{key}.use", fcntl.LOCK_SH)
+            _IN_USE[name] = lock_file(folder / f"{key}.use", fcntl.LOCK_SH)
         except OSError:  # a read-only cache folder: nobody can prune it either
             pass
 

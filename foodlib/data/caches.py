@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foodlib.data.cache import cache_key, default_cache_dir, format_size
-from foodlib.io import read_json_or_none
+from foodlib.io import lock_file, read_json_or_none
 
 SUFFIXES = (".u8", ".u8.tmp", ".json", ".paths", ".use", ".lock")
 
@@ -90,16 +90,13 @@ def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
 
 def _in_use(folder: Path, key: str) -> bool:
     """Whether a process holds ``key.use`` (it loaded this cache) or ``key.lock`` (it is building it)."""
-    for suffix, mode in ((".use", fcntl.LOCK_EX), (".lock", fcntl.LOCK_EX)):
+    for suffix in (".use", ".lock"):
         path = folder / f"{key}{suffix}"
-        if not path.exists():
-            continue
-        with open(path, "a") as handle:
+        if path.exists():
             try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                lock_file(path, fcntl.LOCK_EX | fcntl.LOCK_NB).close()  # closing releases it
             except BlockingIOError:
                 return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
     return False
 
 
@@ -124,19 +121,15 @@ def prune_caches(cache_dir: str | Path | None = None, older_than_days: float | N
 
 def _remove(entry: CacheEntry) -> bool:
     """Delete a cache's files while holding its build and use locks, so no process can be starting to use it."""
-    folder = entry.folder
     handles = []
     try:
         for suffix in (".lock", ".use"):
-            handle = open(folder / f"{entry.key}{suffix}", "a")
-            handles.append(handle)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-        for path in entry.files():  # the lock files last: a waiter re-checks the inode and takes a new one
+            handles.append(lock_file(entry.folder / f"{entry.key}{suffix}", fcntl.LOCK_EX | fcntl.LOCK_NB))
+        for path in entry.files():  # the lock files last: lock_file() in a waiter re-checks the inode
             path.unlink(missing_ok=True)
         return True
+    except BlockingIOError:
+        return False
     finally:
         for handle in handles:
             handle.close()
