@@ -30,6 +30,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+lint: setup
+	$(BIN)/python -m pip install -q 'ruff>=0.5'
+	$(BIN)/ruff check foodlib tests benchmarks
+
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py
 

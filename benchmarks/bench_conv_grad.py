@@ -60,12 +60,17 @@ def main() -> None:
                 tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-3
                 if (mine - reference).abs().max() > tolerance * reference.abs().max():
                     raise SystemExit(f"unfold + matmul disagrees with torch's weight gradient at {n, c, h}, {dtype}")
+                times = timings(x, w, grad_out)
                 print(f"| {n}, {c}, {h}x{h} | {str(dtype)[6:]} | {'NHWC' if layout is torch.channels_last else 'NCHW'} "
-                      f"| {median_ms(lambda: F.conv2d(x, w, padding=1)):.1f} "
-                      f"| {median_ms(lambda: conv_backward(grad_out, x, w, [True, False, False])):.1f} "
-                      f"| {median_ms(lambda: conv_backward(grad_out, x, w, [False, True, False])):.1f} "
-                      f"| {median_ms(lambda: weight_grad_matmul(grad_out, x)):.1f} |", flush=True)
+                      + "".join(f"| {t:.1f} " for t in times) + "|", flush=True)
 
+
+def timings(x, w, grad_out) -> list[float]:
+    """forward, input gradient, weight gradient, weight gradient as unfold + matmul (ms)."""
+    return [median_ms(lambda: F.conv2d(x, w, padding=1)),
+            median_ms(lambda: conv_backward(grad_out, x, w, [True, False, False])),
+            median_ms(lambda: conv_backward(grad_out, x, w, [False, True, False])),
+            median_ms(lambda: weight_grad_matmul(grad_out, x))]
 
 if __name__ == "__main__":
     main()

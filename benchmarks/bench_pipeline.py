@@ -377,7 +377,7 @@ def markdown(report: dict) -> str:
                      f"| {f['steady_img_per_s']:.1f} | | | | per epoch: {', '.join(map(str, f['epoch_img_per_s']))} |")
     if r:
         lines += ["", "| ratio | of medians | median of paired rounds | per round |", "|---|---:|---:|---|"]
-    for key, value in r.items():
+    for value in r.values():
         lines.append(f"| {value['label']} | {value['ratio_of_medians']:.2f}x | {value['median_paired_ratio']:.2f}x "
                      f"| {', '.join(map(str, value['paired_ratios']))} |")
     for f in report.get("fit", []) if "e2e_earlier" in s else []:

@@ -21,8 +21,8 @@ from foodlib.data.folders import ClassMismatchError, DatasetIndex, Split, carve_
 from foodlib.data.food101 import index_food101, is_food101_root
 
 __all__ = [
-    "BadFilesError", "BatchLoader", "ClassMismatchError", "Data", "DatasetIndex", "ImageSource", "Split",
-    "load_data", "resolve_data_root", "index_dataset",
+    "BadFilesError", "BatchLoader", "ClassMismatchError", "Data", "DatasetIndex", "DecodedImages", "ImageSource", "Split",
+    "build_cache", "load_data", "resolve_data_root", "index_dataset",
 ]
 
 

@@ -131,33 +131,38 @@ def build_cache(
             _mention_other_caches(folder, key, paths)
 
         tmp_file = data_file.with_suffix(".u8.tmp")
-        out = np.memmap(tmp_file, dtype=np.uint8, mode="w+", shape=shape)
-        errors: dict[str, str] = {}
-
-        def decode(i: int) -> None:
-            try:
-                out[i] = load_image_array(paths[i], side)
-            except ImageDecodeError as error:
-                errors[paths[i]] = error.reason if hasattr(error, "reason") else str(error)
-                out[i] = 0
-
-        from tqdm.auto import tqdm
-
-        n_threads = workers or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(n_threads) as pool:
-            for _ in tqdm(
-                pool.map(decode, range(len(paths)), chunksize=16) if n_threads > 1 else map(decode, range(len(paths))),
-                total=len(paths), desc=f"decoding {len(paths)} images to {side}px", disable=not progress, leave=False,
-            ):
-                pass
-        out.flush()
-        del out
+        errors = _decode_into(tmp_file, paths, side, workers, progress)
         os.replace(tmp_file, data_file)
         atomic_write_text(folder / f"{key}.paths", "".join(f"{p}\n" for p in paths))  # for `foodlib cache`
         atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION,
                                       "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S")})
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
         return DecodedImages(paths, array, errors, str(data_file))
+
+
+def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool) -> dict[str, str]:
+    """Decode ``paths`` into a new memory-mapped ``file`` (N, side, side, 3), in threads; unreadable files -> errors."""
+    from tqdm.auto import tqdm
+
+    out = np.memmap(file, dtype=np.uint8, mode="w+", shape=(len(paths), side, side, 3))
+    errors: dict[str, str] = {}
+
+    def decode(i: int) -> None:
+        try:
+            out[i] = load_image_array(paths[i], side)
+        except ImageDecodeError as error:
+            errors[paths[i]] = error.reason if hasattr(error, "reason") else str(error)
+            out[i] = 0
+
+    n_threads = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(n_threads) as pool:
+        for _ in tqdm(
+            pool.map(decode, range(len(paths)), chunksize=16) if n_threads > 1 else map(decode, range(len(paths))),
+            total=len(paths), desc=f"decoding {len(paths)} images to {side}px", disable=not progress, leave=False,
+        ):
+            pass
+    out.flush()
+    return errors
 
 
 def source_root(paths: Sequence[str]) -> str | None:
