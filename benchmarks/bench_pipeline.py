@@ -133,15 +133,28 @@ class Pipeline:
     prepare: Callable[[torch.Tensor, torch.Generator, bool], torch.Tensor]  # (batch, generator, channels_last)
 
 
+def across_epochs(loader, first_epoch: int) -> Iterator:
+    """Batches of ``loader`` epoch after epoch, so a window may be longer than one epoch of a small set.
+
+    Each new epoch starts the loader's workers again, for both pipelines alike, as in training.
+    """
+    epoch = first_epoch
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def make_pipelines(args, data, device: torch.device) -> dict[str, Pipeline]:
     def open_earlier(window: int) -> Iterator:
-        return iter(earlier_style_loader(args.data, args.image_size, args.batch_size, args.workers, window, device))
+        return across_epochs(earlier_style_loader(args.data, args.image_size, args.batch_size, args.workers, window,
+                                                  device), window)
 
     def open_cached(window: int) -> Iterator:
         loader = data.loader("train", args.batch_size, shuffle=True, seed=0, workers=args.workers,
                              pin_memory=device.type == "cuda")
-        loader.set_epoch(window)
-        return iter(loader)
+        return across_epochs(loader, 1000 * window)
 
     def augment(images: torch.Tensor, generator: torch.Generator, channels_last: bool) -> torch.Tensor:
         # as fit() calls it: straight into the model's memory layout
@@ -195,8 +208,14 @@ class Variant:
     windows: list[dict] = field(default_factory=list)
 
 
-def run_window(variant: Variant, window: int, steps: int, warmup: int, device: torch.device) -> dict:
-    """Open a fresh loader, run ``warmup`` untimed steps, then time ``steps`` steps phase by phase."""
+def run_window(variant: Variant, window: int, steps: int, warmup: int, device: torch.device,
+               phase_sync: bool = True) -> dict:
+    """Open a fresh loader, run ``warmup`` untimed steps, then time ``steps`` steps phase by phase.
+
+    ``phase_sync``: wait for the device after each phase, so the phase times are device times. Off
+    on a GPU by default: the waits would stop the host from queuing the next step while the GPU
+    works, which training never does; the phases are then host times and only the total is device time.
+    """
     generator = torch.Generator().manual_seed(window)
     batches = variant.pipeline.open(window)
 
@@ -205,11 +224,13 @@ def run_window(variant: Variant, window: int, steps: int, warmup: int, device: t
         images, labels = next(batches)
         t1 = time.perf_counter()
         x = variant.pipeline.prepare(images, generator, variant.trainer.channels_last if variant.trainer else True)
-        sync(device)
+        if phase_sync:
+            sync(device)
         t2 = time.perf_counter()
         if variant.trainer is not None:
             variant.trainer.step(x, labels)
-            sync(device)
+            if phase_sync:
+                sync(device)
         t3 = time.perf_counter()
         if times is not None:
             times["wait"] += t1 - t0
@@ -219,9 +240,11 @@ def run_window(variant: Variant, window: int, steps: int, warmup: int, device: t
 
     for _ in range(warmup):
         one_step(None)
+    sync(device)
     times = {"wait": 0.0, "prepare": 0.0, "compute": 0.0}
     start = time.perf_counter()
     images = sum(one_step(times) for _ in range(steps))
+    sync(device)
     seconds = time.perf_counter() - start
     batches = None  # drops the loader, which shuts its workers down: nothing prefetches during other windows
     gc.collect()
@@ -234,7 +257,8 @@ def interleave(variants: list[Variant], rounds: int, steps: int, warmup: int, de
     for r in range(rounds):
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for variant in order:
-            result = run_window(variant, window=r, steps=steps, warmup=warmup, device=device)
+            result = run_window(variant, window=r, steps=steps, warmup=warmup, device=device,
+                                phase_sync=device.type != "cuda")
             variant.windows.append(result)
             log(f"  round {r + 1}/{rounds} {variant.name:18s} {result['img_per_s']:8.1f} img/s "
                 f"(wait {result['wait_ms_per_batch']:.0f} ms, prepare {result['prepare_ms_per_batch']:.0f} ms, "
@@ -353,11 +377,13 @@ def markdown(report: dict) -> str:
     lines = [
         f"Command: `{report['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} compute thread(s), "
-        f"AMX-bf16 {'yes' if m['amx_bf16'] else 'no'}; load average {m['loadavg_start']} at start, "
+        f"AMX-bf16 {'yes' if m['amx_bf16'] else 'no'}{', GPU ' + m['gpu'] if m.get('gpu') else ''}; load average {m['loadavg_start']} at start, "
         f"{m['loadavg_end']} at end (shared machine). Date {report['date']}, wall time {report['wall_s']:.0f} s.  ",
         f"Setting: ResNet-18 + softmax head, AdamW, {a['image_size']} px, batch {a['batch_size']}, "
         f"{a['workers']} DataLoader workers for every pipeline, {a['rounds']} interleaved rounds x "
-        f"{a['steps']} timed steps after {a['warmup']} warm-up step(s) per window (fresh loader per window).",
+        f"{a['steps']} timed steps after {a['warmup']} warm-up step(s) per window (fresh loader per window)"
+        + ("; on the GPU the phase columns are host times (no wait for the device between phases)."
+           if a["device"].startswith("cuda") else "."),
         "",
         f"Decoded cache (one-time): {c['images']} images at {c['side']} px built in {c['cold_build_s']:.1f} s "
         f"({c['build_img_per_s']:.0f} img/s); reused (stat + hash + open) in {c['warm_reuse_s']:.2f} s.",

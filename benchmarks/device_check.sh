@@ -68,10 +68,12 @@ torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available
 torch.get_num_threads(), 'threads')"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.log"
     step synthetic "$PYTHON" "${check[@]}"
-    step real "$PYTHON" "${check[@]}" --data "$DATA" --cache-dir "$OUT/cache"
+    local cache
+    cache=$(mktemp -d /tmp/foodlib-device-cache.XXXXXX)  # not under $OUT: only logs travel back
+    step real "$PYTHON" "${check[@]}" --data "$DATA" --cache-dir "$cache"
     step pipeline "$PYTHON" benchmarks/bench_pipeline.py --device "$DEVICE" --data "$DATA" "${pipeline[@]}" \
         --json "$OUT/pipeline.json"
-    rm -rf "$OUT/cache"
+    rm -rf "$cache"
     step compile "$PYTHON" "${check[@]}" --compile
 }
 

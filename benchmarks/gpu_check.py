@@ -65,6 +65,13 @@ def real_cache(root: str, image_size: int, cache_dir: Path | None):
     return data.sources["train"], data.labels("train"), data.num_classes
 
 
+def repeated(source: ImageSource, labels: np.ndarray, times: int) -> tuple[ImageSource, np.ndarray]:
+    """The same cached photos ``times`` over (rows of the same memmap; nothing is copied)."""
+    copy = ImageSource.__new__(ImageSource)
+    copy.__dict__.update(source.__dict__, paths=source.paths * times, _rows=np.tile(source._rows, times))
+    return copy, np.tile(labels, times)
+
+
 def endless(loader: BatchLoader):
     """Batches across epoch boundaries (each epoch reshuffled), as a long run sees them."""
     epoch = 0
@@ -121,6 +128,8 @@ def main(argv=None) -> int:
     try:
         if args.data:
             source, labels, num_classes = real_cache(args.data, args.image_size, args.cache_dir)
+            if gpu:  # a small set: go through it several times per epoch, as 28k photos would, so that
+                source, labels = repeated(source, labels, -(-32 * batch // len(labels)))  # loader restarts stay rare
         else:
             num_classes = args.num_classes
             count = args.images or batch * (32 if gpu else 2)

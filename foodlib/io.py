@@ -6,7 +6,6 @@ half-written checkpoint or metrics file. Also: generated folders written aside a
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -168,8 +168,11 @@ def lock_file(path: str | Path, mode: int):
 
     If the holder before us removed the file between our open and our lock, we would hold a lock on
     a deleted file that nobody else sees: then the new file is opened and locked instead. Raises
-    ``BlockingIOError`` when ``mode`` includes ``LOCK_NB`` and another holder has it.
+    ``BlockingIOError`` when ``mode`` includes ``LOCK_NB`` and another holder has it. POSIX only
+    (``fcntl``), imported here so that the rest of this module works everywhere.
     """
+    import fcntl
+
     while True:
         handle = open(path, "a+")
         try:
@@ -182,6 +185,15 @@ def lock_file(path: str | Path, mode: int):
                 return handle
         except FileNotFoundError:
             pass
+        handle.close()
+
+
+def unlock_file(handle) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
         handle.close()
 
 
@@ -198,10 +210,13 @@ def folder_lock(folder: str | Path, what: str):
 
     An advisory ``flock`` on ``folder/.foodlib.lock`` (released by the OS if the process dies, so a
     killed run never leaves the folder locked). The file says who holds it and is removed on release.
+    On a file system without ``flock`` (some cluster mounts) it warns and runs unguarded.
 
     >>> with folder_lock("runs/try", "a training run"):   # doctest: +SKIP
     ...     train()
     """
+    import fcntl
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
@@ -210,6 +225,11 @@ def folder_lock(folder: str | Path, what: str):
     except BlockingIOError:
         holder = (read_text_or_none(path) or "").strip() or "another process"
         raise FolderBusyError(f"{folder} is in use by {holder}; wait for it to finish, or choose another folder") from None
+    except OSError as error:  # ENOLCK / EOPNOTSUPP: no locks on this file system
+        warnings.warn(f"cannot lock {folder} ({error}); nothing stops a second process writing into it", stacklevel=3)
+        path.unlink(missing_ok=True)
+        yield
+        return
     try:
         handle.seek(0)
         handle.truncate()
@@ -217,6 +237,7 @@ def folder_lock(folder: str | Path, what: str):
         handle.flush()
         yield
     finally:
-        path.unlink(missing_ok=True)  # still holding the lock: lock_file() in a waiter re-checks the inode
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        try:
+            path.unlink(missing_ok=True)  # still holding the lock: lock_file() in a waiter re-checks the inode
+        finally:
+            unlock_file(handle)

@@ -50,7 +50,7 @@ import yaml
 
 from foodlib.cli import command
 from foodlib.config import Config, ConfigError
-from foodlib.io import atomic_write_json, folder_lock
+from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
 #: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
@@ -386,7 +386,12 @@ def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, 
                           detail=state)
     if state == "stale" and run.run_dir.exists():
         log(f"{prefix} {run.name}: the recorded config differs from the suite's; rerunning from scratch")
-        shutil.rmtree(run.run_dir)
+        try:
+            with folder_lock(run.run_dir, "a suite clearing an outdated run"):  # not under a live fit()
+                shutil.rmtree(run.run_dir)
+        except FolderBusyError as error:
+            log(f"{prefix} {run.name}: FAILED before start: {error}")
+            return RunOutcome(run.name, "failed", error=str(error), detail=state)
     parameters = notebook_run_parameters(run, declared, quiet=quiet, device=device, resume=state == "resume")
     if threads is not None and "threads" not in run.overrides:
         parameters["threads"] = threads

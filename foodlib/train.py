@@ -192,10 +192,11 @@ def batch_stats(out, logits: torch.Tensor, labels: torch.Tensor, term_names) -> 
 
     Summed over an epoch and read once at its end: no per-step device sync on GPUs.
     """
-    n = labels.new_tensor(len(labels), dtype=torch.float64)
+    # torch.full fills on the device; new_tensor(len(labels)) would copy from the host and wait for the GPU
+    n = torch.full((1,), float(len(labels)), dtype=torch.float64, device=labels.device)
     hits = topk_correct(logits, labels).double()
     values = torch.stack([out.loss.detach(), *(out.terms[t].detach() for t in term_names)]).double() * n
-    return torch.cat([n[None], hits, values])
+    return torch.cat([n, hits, values])
 
 
 def summarise_stats(sums: torch.Tensor, term_names) -> dict[str, float]:
@@ -413,6 +414,8 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
 
 def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, run_dir: Path, t_start: float) -> RunResult:
     """fit()'s body, with the run folder locked."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes (training drops the last partial batch): pick once
     main = info.is_main
     progress = main and not cfg.train.quiet
     log = print if main else (lambda *a, **k: None)

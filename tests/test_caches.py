@@ -163,3 +163,50 @@ def test_reuse_marks_the_last_use_and_a_new_build_mentions_the_others(photos, tm
     build_cache(photos, 24, cache_dir, progress=True)
     err = capsys.readouterr().err
     assert f"1 other decoded cache(s) of {tmp_path / 'photos'} take 5 kB" in err and "foodlib cache --prune" in err
+
+
+def test_an_interrupted_build_is_not_left_in_use(photos, tmp_path, monkeypatch):
+    import foodlib.data.cache as cache_module
+
+    calls = {"n": 0}
+    real = cache_module.load_image_array
+
+    def interrupted(path, side):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in a notebook, half way through the build
+        return real(path, side)
+
+    monkeypatch.setattr(cache_module, "load_image_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(photos, 16, tmp_path / "cache", workers=1, progress=False)
+    (entry,) = list_caches(tmp_path / "cache")
+    assert (entry.state, entry.in_use) == ("incomplete", False)
+    assert [e.key for e in prune_caches(tmp_path / "cache")] == [entry.key]
+    assert not any((tmp_path / "cache" / "decoded").iterdir())  # lock files swept too
+
+
+def test_a_cache_rebuilt_after_its_folder_was_deleted_is_held_again(photos, tmp_path):
+    import shutil
+
+    build_cache(photos, 16, tmp_path / "cache", progress=False)
+    shutil.rmtree(tmp_path / "cache")  # by hand, while this process still runs
+    build_cache(photos, 16, tmp_path / "cache", progress=False)
+    rewrite(photos[0])
+    (entry,) = list_caches(tmp_path / "cache")
+    assert entry.state == "stale" and entry.in_use and prune_caches(tmp_path / "cache", older_than_days=0) == []
+
+
+def test_relative_or_vanished_sources_are_not_judged_stale(photos, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(p) for p in photos]
+    build_elsewhere(cache_dir, (16, photos))
+    subprocess.run([sys.executable, "-c", BUILD, str(cache_dir), "exit", ",".join(["24", *relative])],
+                   check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    details = {e.side: (e.state, e.detail) for e in list_caches(cache_dir)}
+    assert details[24] == ("unknown", "built from relative paths: cannot be checked from here")
+    os.rename(tmp_path / "photos", tmp_path / "moved")  # or an unmounted drive
+    details = {e.side: (e.state, e.detail) for e in list_caches(cache_dir)}
+    assert details[16][0] == "unknown" and "none of its 6 files is there" in details[16][1]
+    assert prune_caches(cache_dir) == []

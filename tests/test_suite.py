@@ -208,6 +208,19 @@ def test_changed_parameters_rerun_a_finished_run_from_scratch(tmp_path, monkeypa
     assert Config.from_yaml(tmp_path / "tiny" / "softmax-s0" / "config.yaml").train.epochs == 2
 
 
+def test_an_outdated_run_a_live_training_still_writes_is_not_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "execute_notebook", FakePapermill())
+    S.run_suite(S.load_suite(suite_text(), tmp_path), log=lambda line: None)
+    run_dir = tmp_path / "tiny" / "softmax-s0"
+    fake = FakePapermill()
+    monkeypatch.setattr(S, "execute_notebook", fake)
+    with folder_lock(run_dir, "a training run started by hand"):
+        result = S.run_suite(S.load_suite(suite_text(base={**TINY_BASE, "epochs": 2}), tmp_path), log=lambda line: None)
+    assert result.runs[0].status == "failed" and "in use by a training run started by hand" in result.runs[0].error
+    assert (run_dir / "metrics.json").is_file()  # left alone
+    assert [c[0] for c in fake.calls] == ["center-s0", "compare.ipynb"]
+
+
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
     spec = S.load_suite(suite_text(losses=["softmax"]), tmp_path)
     run = S.plan_suite(spec)[0]

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from foodlib.io import atomic_write_json, atomic_write_text, cache_home, lock_file, read_json_or_none
+from foodlib.io import atomic_write_json, atomic_write_text, cache_home, lock_file, read_json_or_none, unlock_file
 from foodlib.data.images import ImageDecodeError, load_image_array
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
@@ -76,8 +76,7 @@ def _locked(lock_path: Path):
     try:
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        unlock_file(handle)
 
 
 _IN_USE: dict[str, object] = {}  # "<folder>/<key>" -> open handle holding a shared lock on <key>.use
@@ -87,14 +86,26 @@ def _mark_in_use(folder: Path, key: str) -> None:
     """Keep a shared lock on ``key.use`` until this process exits: prune_caches() skips caches in use.
 
     Held for the life of the process (a notebook kernel keeps its data until restarted), shared by
-    forked loader workers; the OS drops it when the process ends, killed or not.
+    forked loader workers; the OS drops it when the process ends, killed or not. Taken again if the
+    file was removed meanwhile (a deleted cache folder rebuilt in the same kernel).
     """
-    name = str(folder / key)
-    if name not in _IN_USE:
+    name, path = str(folder / key), folder / f"{key}.use"
+    held = _IN_USE.get(name)
+    if held is not None:
         try:
-            _IN_USE[name] = lock_file(folder / f"{key}.use", fcntl.LOCK_SH)
-        except OSError:  # a read-only cache folder: nobody can prune it either
+            if os.fstat(held.fileno()).st_ino == os.stat(path).st_ino:
+                return
+        except FileNotFoundError:
             pass
+        unlock_file(_IN_USE.pop(name))
+    try:
+        _IN_USE[name] = lock_file(path, fcntl.LOCK_SH)
+    except OSError:  # a read-only cache folder: nobody can prune it either
+        pass
+
+
+def held_in_this_process(folder: Path, key: str) -> bool:
+    return str(folder / key) in _IN_USE
 
 
 def build_cache(
@@ -118,7 +129,6 @@ def build_cache(
     shape = (len(paths), side, side, 3)
 
     with _locked(folder / f"{key}.lock"):
-        _mark_in_use(folder, key)
         if meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
             meta = json.loads(meta_file.read_text())
             try:
@@ -126,6 +136,7 @@ def build_cache(
             except OSError:
                 pass
             array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
+            _mark_in_use(folder, key)
             return DecodedImages(paths, array, meta.get("errors", {}), str(data_file))
         if progress:
             _mention_other_caches(folder, key, paths)
@@ -137,6 +148,7 @@ def build_cache(
         atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION,
                                       "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S")})
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
+        _mark_in_use(folder, key)
         return DecodedImages(paths, array, errors, str(data_file))
 
 
@@ -184,8 +196,10 @@ def _mention_other_caches(folder: Path, key: str, paths: Sequence[str]) -> None:
     for meta_file in folder.glob("*.json"):
         meta = read_json_or_none(meta_file)
         if meta_file.stem != key and isinstance(meta, dict) and meta.get("root") == root:
-            data_file = meta_file.with_suffix(".u8")
-            others.append(data_file.stat().st_size if data_file.is_file() else 0)
+            try:
+                others.append(meta_file.with_suffix(".u8").stat().st_size)
+            except FileNotFoundError:  # removed meanwhile by a prune
+                pass
     if others:
         print(f"{len(others)} other decoded cache(s) of {root} take {format_size(sum(others))} in {folder}: "
               "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed", file=sys.stderr)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from foodlib.data.cache import cache_key, default_cache_dir, format_size
+from foodlib.data.cache import cache_key, default_cache_dir, format_size, held_in_this_process
 from foodlib.io import lock_file, read_json_or_none
 
 SUFFIXES = (".u8", ".u8.tmp", ".json", ".paths", ".use", ".lock")
@@ -52,27 +52,33 @@ def list_caches(cache_dir: str | Path | None = None) -> list[CacheEntry]:
     """Every decoded cache under ``cache_dir`` (default: ``$FOODLIB_CACHE`` or ``~/.cache/foodlib``), newest use first.
 
     Checking whether a cache is current stats every file it was built from (a fraction of a second
-    for 30,000 photos).
+    for 30,000 photos). Caches removed while this runs are left out.
     """
     folder = decoded_folder(cache_dir)
     if not folder.is_dir():
         return []
     keys = sorted({p.name.split(".")[0] for p in folder.iterdir() if p.name.endswith((".u8", ".u8.tmp", ".json"))})
-    entries = [_entry(folder, key) for key in keys]
+    entries = []
+    for key in keys:
+        try:
+            entries.append(_entry(folder, key))
+        except FileNotFoundError:  # a concurrent prune took it
+            pass
     return sorted(entries, key=lambda e: -(e.last_used or 0))
 
 
 def _entry(folder: Path, key: str) -> CacheEntry:
     data_file, meta_file = folder / f"{key}.u8", folder / f"{key}.json"
-    size = sum(p.stat().st_size for p in (data_file, folder / f"{key}.u8.tmp") if p.is_file())
+    size = sum(p.stat().st_size for p in (data_file, folder / f"{key}.u8.tmp") if p.exists())
     meta = read_json_or_none(meta_file)
     in_use = _in_use(folder, key)
     if not data_file.is_file() or not isinstance(meta, dict):
         detail = "a build that did not finish" + (" (building now)" if in_use else "")
         return CacheEntry(key, folder, "incomplete", detail, size, in_use=in_use)
+    last_used = meta_file.stat().st_mtime
     state, detail = _state(folder, key, meta)
     return CacheEntry(key, folder, state, detail, size, meta.get("n"), meta.get("side"), meta.get("root"),
-                      meta.get("built"), meta_file.stat().st_mtime, in_use)
+                      meta.get("built"), last_used, in_use)
 
 
 def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
@@ -80,7 +86,11 @@ def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
     if not paths_file.is_file():
         return "unknown", "built by an older foodlib (no file list kept)"
     paths = paths_file.read_text().splitlines()
+    if not all(os.path.isabs(p) for p in paths):
+        return "unknown", "built from relative paths: cannot be checked from here"
     gone = sum(not os.path.exists(p) for p in paths)
+    if gone == len(paths):  # more likely an unmounted drive or a moved folder than deleted data
+        return "unknown", f"none of its {len(paths):,} files is there (moved, deleted or not mounted?)"
     if gone:
         return "stale", f"{gone:,} of {len(paths):,} files are gone"
     if cache_key(paths, int(meta["side"])) != key:
@@ -89,23 +99,40 @@ def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
 
 
 def _in_use(folder: Path, key: str) -> bool:
-    """Whether a process holds ``key.use`` (it loaded this cache) or ``key.lock`` (it is building it)."""
-    for suffix in (".use", ".lock"):
-        path = folder / f"{key}{suffix}"
-        if path.exists():
-            try:
-                lock_file(path, fcntl.LOCK_EX | fcntl.LOCK_NB).close()  # closing releases it
-            except BlockingIOError:
-                return True
-    return False
+    """Whether a process has loaded this cache (``key.use``) or is building it (``key.lock``).
+
+    This process's own caches are answered from memory: probing a file it holds and closing it
+    would drop its lock on file systems where flock is emulated by per-process POSIX locks (NFS).
+    """
+    if held_in_this_process(folder, key):
+        return True
+    return any(_held(folder / f"{key}{suffix}") for suffix in (".use", ".lock"))
+
+
+def _held(path: Path) -> bool:
+    """Whether another process holds a lock on ``path``; read-only probe, creates nothing."""
+    try:
+        handle = open(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # unreadable: cannot tell, so treat it as held
+        return True
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held; anything else: cannot tell
+            return True
+        return False  # closing the handle releases the probe's lock
 
 
 def prune_caches(cache_dir: str | Path | None = None, older_than_days: float | None = None,
                  dry_run: bool = False) -> list[CacheEntry]:
     """Remove stale and unfinished caches (and, with ``older_than_days``, any unused that long).
 
-    Current caches stay unless ``older_than_days`` is given; a cache some process has loaded or is
-    building is never removed. Returns what was removed (or would be, with ``dry_run``).
+    Current caches, and caches whose files cannot be checked (state ``unknown``), stay unless
+    ``older_than_days`` is given; a cache some process has loaded or is building is never removed.
+    Also sweeps lock and temporary files left without a cache. Returns what was removed (or would
+    be, with ``dry_run``).
     """
     now = time.time()
     chosen = []
@@ -113,26 +140,40 @@ def prune_caches(cache_dir: str | Path | None = None, older_than_days: float | N
         old = older_than_days is not None and (entry.last_used is None or now - entry.last_used > older_than_days * 86400)
         if entry.in_use or not (entry.state in ("stale", "incomplete") or old):
             continue
-        if not dry_run and not _remove(entry):
-            continue  # it was taken up between the listing and now
+        if not dry_run and not _remove(entry.folder, entry.key):
+            continue  # it was taken up between the listing and now, or cannot be removed
         chosen.append(entry)
+    if not dry_run:
+        _sweep_leftovers(decoded_folder(cache_dir))
     return chosen
 
 
-def _remove(entry: CacheEntry) -> bool:
+def _remove(folder: Path, key: str) -> bool:
     """Delete a cache's files while holding its build and use locks, so no process can be starting to use it."""
     handles = []
     try:
         for suffix in (".lock", ".use"):
-            handles.append(lock_file(entry.folder / f"{entry.key}{suffix}", fcntl.LOCK_EX | fcntl.LOCK_NB))
-        for path in entry.files():  # the lock files last: lock_file() in a waiter re-checks the inode
-            path.unlink(missing_ok=True)
+            handles.append(lock_file(folder / f"{key}{suffix}", fcntl.LOCK_EX | fcntl.LOCK_NB))
+        for path in [folder / f"{key}{suffix}" for suffix in SUFFIXES] + list(folder.glob(f".{key}.*.tmp")):
+            path.unlink(missing_ok=True)  # the lock files last: lock_file() in a waiter re-checks the inode
         return True
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: in use after all; PermissionError: not ours to remove
         return False
     finally:
         for handle in handles:
             handle.close()
+
+
+def _sweep_leftovers(folder: Path) -> None:
+    """Lock files, file lists and half-written metadata whose cache is gone (a killed build or prune)."""
+    if not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir()]
+    live = {n.split(".")[0] for n in names if n.endswith((".u8", ".u8.tmp", ".json")) and not n.startswith(".")}
+    orphans = {n.lstrip(".").split(".")[0] for n in names} - live
+    for key in sorted(orphans):
+        if not _in_use(folder, key):
+            _remove(folder, key)
 
 
 def main_cache(cache_dir: str | None, prune: bool, older_than_days: float | None, dry_run: bool) -> int:
