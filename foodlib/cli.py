@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_optional_commands() -> None:
-    """Modules that register their own subcommands (suite, predict/embed/export, bench)."""
+    """Modules that register their own subcommands (suite, report; predict, embed, neighbours, export)."""
     import importlib
 
     for module in ("foodlib.suite", "foodlib.inference"):
