@@ -26,7 +26,12 @@ SUFFIXES = (".u8", ".u8.tmp", ".json", ".paths", ".use", ".lock")
 
 @dataclass
 class CacheEntry:
-    """One decoded cache. ``state``: current | stale | unknown (built before file lists were kept) | incomplete."""
+    """One decoded cache.
+
+    ``state``: ``current`` (matches its files), ``stale`` (files changed or some gone), ``unknown`` (cannot
+    be checked: no file list, relative paths, or none of its files reachable), ``incomplete`` (a build
+    that did not finish). ``in_use``: some process has loaded it or is building it.
+    """
 
     key: str
     folder: Path
@@ -39,9 +44,6 @@ class CacheEntry:
     built: str | None = None
     last_used: float | None = None
     in_use: bool = False
-
-    def files(self) -> list[Path]:
-        return [self.folder / f"{self.key}{suffix}" for suffix in SUFFIXES]
 
 
 def decoded_folder(cache_dir: str | Path | None = None) -> Path:
