@@ -55,6 +55,7 @@ from foodlib.config import Config  # noqa: E402
 from foodlib.data import load_data  # noqa: E402
 from foodlib.data.augment import IMAGENET_MEAN, IMAGENET_STD, cache_side, train_transform  # noqa: E402
 from foodlib.losses import create_loss  # noqa: E402
+from gpu_check import endless  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 from foodlib.models import create_model  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "food101-10"
@@ -133,28 +134,15 @@ class Pipeline:
     prepare: Callable[[torch.Tensor, torch.Generator, bool], torch.Tensor]  # (batch, generator, channels_last)
 
 
-def across_epochs(loader, first_epoch: int) -> Iterator:
-    """Batches of ``loader`` epoch after epoch, so a window may be longer than one epoch of a small set.
-
-    Each new epoch starts the loader's workers again, for both pipelines alike, as in training.
-    """
-    epoch = first_epoch
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def make_pipelines(args, data, device: torch.device) -> dict[str, Pipeline]:
     def open_earlier(window: int) -> Iterator:
-        return across_epochs(earlier_style_loader(args.data, args.image_size, args.batch_size, args.workers, window,
+        return endless(earlier_style_loader(args.data, args.image_size, args.batch_size, args.workers, window,
                                                   device), window)
 
     def open_cached(window: int) -> Iterator:
         loader = data.loader("train", args.batch_size, shuffle=True, seed=0, workers=args.workers,
                              pin_memory=device.type == "cuda")
-        return across_epochs(loader, 1000 * window)
+        return endless(loader, 1000 * window)
 
     def augment(images: torch.Tensor, generator: torch.Generator, channels_last: bool) -> torch.Tensor:
         # as fit() calls it: straight into the model's memory layout

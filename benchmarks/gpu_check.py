@@ -72,11 +72,13 @@ def repeated(source: ImageSource, labels: np.ndarray, times: int) -> tuple[Image
     return copy, np.tile(labels, times)
 
 
-def endless(loader: BatchLoader):
-    """Batches across epoch boundaries (each epoch reshuffled), as a long run sees them."""
-    epoch = 0
+def endless(loader, first_epoch: int = 0):
+    """Batches across epoch boundaries, as a long run sees them: each epoch reshuffled (``set_epoch`` where the
+    loader has it, as BatchLoader does; a plain DataLoader reshuffles by itself) and its workers started afresh."""
+    epoch = first_epoch
     while True:
-        loader.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         yield from loader
         epoch += 1
 
