@@ -2,8 +2,9 @@
 are listed, nearest neighbours are exact and ordered, the TorchScript export runs without foodlib.
 
 One tiny run (embedded dishes, 4 classes, smallcnn at 32 px, 2 epochs, center loss) is trained once
-for the module. Its best checkpoint (val top-1) differs from its last, so using the wrong one
-shows. Expected values come from the run's own files (features.npz, metrics.json, splits/) or are
+for the module. Its last.pt is then replaced by a deterministically perturbed copy of its weights, so
+that best.pt and last.pt differ on every CPU and using the wrong one shows (whether the 2-epoch run
+itself gets worse in its last epoch depends on the CPU's floating-point path: bf16 or float32). Expected values come from the run's own files (features.npz, metrics.json, splits/) or are
 recomputed here with numpy loops, never from the code under test.
 """
 from __future__ import annotations
@@ -43,7 +44,22 @@ def run_dir(tmp_path_factory) -> Path:
     # float32 (amp="off"): the exported model runs in float32, and its logits are compared with
     # the run's features.npz; on AMX CPUs amp="auto" would train and extract in bf16
     result = foodlib.fit(tiny_config(root, loss="center", device="cpu", amp="off"))
-    return Path(result.run_dir)
+    run_dir = Path(result.run_dir)
+    perturb_last_checkpoint(run_dir)
+    return run_dir
+
+
+def perturb_last_checkpoint(run_dir: Path) -> None:
+    """Overwrite ``last.pt`` with its own weights plus fixed-seed noise, so that last.pt differs from
+    best.pt by construction (features.npz and metrics.json still come from best.pt)."""
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in last["model"].items():
+        if tensor.is_floating_point() and "running_" not in name:  # BatchNorm statistics stay valid
+            noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+            scale = (tensor.std() if tensor.numel() > 1 else tensor.abs().mean()) + 0.01
+            last["model"][name] = tensor + 0.5 * scale * noise
+    torch.save(last, run_dir / "last.pt")
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +88,12 @@ def messy_folder(tmp_path, run_dir) -> Path:
     return folder
 
 
-def test_run_has_a_best_checkpoint_older_than_the_last(run_dir):
+def test_fixture_best_and_last_checkpoints_differ(run_dir):
     # Otherwise the tests below could not tell best.pt from last.pt.
-    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
-    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-    assert best["epoch"] != last["epoch"] or not all(
-        torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert best["model"].keys() == last["model"].keys()
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
 
 
 # ----- predict ----------------------------------------------------------------------------------
