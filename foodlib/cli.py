@@ -9,10 +9,17 @@
 
 Every ``train`` flag is a Config field (``--image-size`` sets ``image_size``); ``--config FILE``
 loads a YAML first and the flags override it.
+
+The arguments are parsed before torch or any heavy module is imported, so ``foodlib --help`` and a
+mistyped command answer at once; each command imports what it needs when it runs. An error caused
+by the input (a bad config value, a missing file, an offline download) prints one line,
+``foodlib COMMAND: error: ...``, and exits with code 2; ``--debug`` or ``FOODLIB_DEBUG=1`` shows
+the full traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -118,25 +125,58 @@ def run_analyse(args) -> int:
 
 # ----- entry point ------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_optional_commands()
-    parser = argparse.ArgumentParser(prog="foodlib", description=__doc__.split("\n")[0])
-    import foodlib
+#: Subcommands that other modules register with :func:`command`: name -> (module, help). Listed here
+#: so that ``foodlib --help`` names them without importing those modules (foodlib.inference imports
+#: torch); only the module of the command being run is imported. tests/test_cli.py checks that this
+#: table matches what the modules register.
+OPTIONAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "suite": ("foodlib.suite", "run a suite of experiment notebooks with papermill, then the comparison"),
+    "report": ("foodlib.suite", "compare a suite's runs: report.md and figures in the suite folder"),
+    "predict": ("foodlib.inference", "top-k classes with probabilities for images, from a run's best checkpoint"),
+    "embed": ("foodlib.inference", "embeddings and prediction logits of images, saved as .npz"),
+    "neighbours": ("foodlib.inference", "the most similar training images of query images, in a run's embedding space"),
+    "export": ("foodlib.inference", "export a run's model (images -> embedding, logits) with its class names"),
+}
 
-    parser.add_argument("--version", action="version", version=f"foodlib {foodlib.__version__}")
+
+def build_parser(command_name: str | None = None, lazy: bool = False) -> argparse.ArgumentParser:
+    """The ``foodlib`` parser.
+
+    Args:
+        command_name: with ``lazy``, the command about to run: only its module is imported.
+        lazy: True: the other optional commands are listed (name and help) without their arguments
+            and without importing their modules. False: every command is complete.
+    """
+    if lazy:
+        if command_name in OPTIONAL_COMMANDS:
+            _load_optional_commands([OPTIONAL_COMMANDS[command_name][0]])
+    else:
+        _load_optional_commands()
+    parser = argparse.ArgumentParser(prog="foodlib", description=__doc__.split("\n")[0])
+    from foodlib import __version__  # foodlib/__init__.py imports nothing heavy
+
+    parser.add_argument("--version", action="version", version=f"foodlib {__version__}")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug before or after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error (also FOODLIB_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full traceback of an error (also FOODLIB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, run, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         add_arguments(p)
         p.set_defaults(run=run)
+    for name, (_module, help_text) in OPTIONAL_COMMANDS.items():
+        if name not in COMMANDS:  # not loaded: listed in --help, never parsed
+            sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
-def _load_optional_commands() -> None:
-    """Modules that register their own subcommands (suite, report; predict, embed, neighbours, export)."""
+def _load_optional_commands(modules=None) -> None:
+    """Import the modules that register their own subcommands (default: all of OPTIONAL_COMMANDS')."""
     import importlib
 
-    for module in ("foodlib.suite", "foodlib.inference"):
+    for module in modules or dict.fromkeys(m for m, _ in OPTIONAL_COMMANDS.values()):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:
@@ -144,29 +184,50 @@ def _load_optional_commands() -> None:
                 raise
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv``: its first word that is not an option (the top-level
+    options, --help, --version and --debug, take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (config, data, run folder): one line and exit code 2, no traceback.
 
-    ValueError covers ConfigError, BadFilesError, ClassMismatchError and the value checks of the
-    losses and models. Imported only once an error happened, so the CLI starts fast.
+    ValueError covers ConfigError, SuiteError, BadFilesError, ClassMismatchError and the value checks
+    of the losses and models; :class:`foodlib.errors.UserError` the others (an offline download of
+    pretrained weights). Imported only once an error happened, so the CLI starts fast.
     """
+    from foodlib.errors import UserError
     from foodlib.io import FolderBusyError
     from foodlib.train import CheckpointError, NonFiniteLossError
 
-    return ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError
+    return (ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError,
+            UserError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (the lines of a multi-line message joined with '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv), lazy=True).parse_args(argv)  # before torch is imported
+    debug = getattr(args, "debug", False) or os.environ.get("FOODLIB_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args) or 0)
     except Exception as error:
-        if not isinstance(error, _user_errors()):
+        if debug or not isinstance(error, _user_errors()):
             raise
-        print(f"foodlib {args.command}: error: {error}", file=sys.stderr)
+        print(f"foodlib {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m foodlib.cli` runs this file as __main__: use the foodlib.cli module, whose COMMANDS
+    # table the suite and inference modules register into.
+    from foodlib.cli import main as _main
+
+    sys.exit(_main())
 

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from foodlib.errors import PretrainedWeightsError
+
 
 class EmbeddingNet(nn.Module):
     """``backbone`` (images -> pooled features ``(N, F)``) followed by an optional linear ``neck`` to D dims.
@@ -60,7 +62,7 @@ def _download_state_dict(weights, arch: str) -> dict:
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as error:  # URLError, HTTPError, socket errors: all mean "no download here"
-        raise RuntimeError(
+        raise PretrainedWeightsError(
             f"could not download pretrained weights for {arch} ({type(error).__name__}: {error}). "
             f"On an offline machine, copy the weights file ({weights.url}) here and pass "
             f"pretrained=/path/to/{weights.url.rsplit('/', 1)[-1]} (--pretrained PATH)."
@@ -127,7 +129,7 @@ def _timm(name: str, pretrained: bool | str) -> tuple[nn.Module, int]:
         net = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **kwargs)
     except Exception as error:
         if pretrained is True:
-            raise RuntimeError(
+            raise PretrainedWeightsError(
                 f"could not load pretrained timm weights for {name} ({type(error).__name__}: {error}). "
                 "Offline, pass pretrained=/path/to/weights (.safetensors or .pth)."
             ) from error
