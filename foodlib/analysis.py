@@ -53,8 +53,12 @@ def add_feature_metrics(metrics: dict[str, Any], features: dict[str, dict[str, n
     return metrics
 
 
-def make_run_figures(run_dir, features, classes, trace=None, max_umap_points: int = 20_000) -> list[Path]:
-    """Training curves, UMAP of the evaluation split, confusion heatmap, per-class accuracy (, 2-D plot)."""
+def make_run_figures(run_dir, features, classes, trace=None, max_umap_points: int = 20_000,
+                     label: str | None = None) -> list[Path]:
+    """Training curves, UMAP of the evaluation split, confusion heatmap, per-class accuracy (, 2-D plot).
+
+    ``label`` names the run in the titles (default: the loss in the run's config.yaml, e.g. "center loss").
+    """
     from foodlib import plots as P  # Figure objects without pyplot: no backend switch, nothing left open
 
     run_dir = Path(run_dir)
@@ -66,21 +70,24 @@ def make_run_figures(run_dir, features, classes, trace=None, max_umap_points: in
     def save(fig, name):
         written.append(P.save_figure(fig, fig_dir / name))
 
+    label = label if label is not None else _run_label(run_dir)
+    who = f"{label}: " if label else ""
+
     if trace:
-        save(P.training_curves(trace), "training_curves.png")
+        save(P.training_curves(trace, title=label or None, n_classes=len(classes)), "training_curves.png")
     emb, labels = feats["embeddings"], feats["labels"]
     if len(labels) > max_umap_points:
         keep = np.random.default_rng(0).choice(len(labels), max_umap_points, replace=False)
         emb, labels = emb[keep], labels[keep]
     if emb.shape[1] == 2:
-        save(P.features_2d(emb, labels, class_names=classes, title=f"{split} embeddings"), "features_2d.png")
+        save(P.features_2d(emb, labels, class_names=classes, title=f"{who}{split} embeddings"), "features_2d.png")
     coords = P.umap_embed(emb, cache_path=run_dir / f"umap_{split}.npz") if emb.shape[1] > 2 else emb
-    save(P.umap_scatter(coords, labels, class_names=classes, title=f"UMAP of {split} embeddings"), "umap.png")
+    save(P.umap_scatter(coords, labels, class_names=classes, title=f"{who}UMAP of {split} embeddings"), "umap.png")
     pred = feats["logits"].argmax(1)
     confusion = M.confusion_matrix(feats["labels"], pred, len(classes))
-    save(P.confusion_heatmap(confusion, classes), "confusion.png")
-    save(P.per_class_accuracy_bars(M.per_class_accuracy(pred, feats["labels"], len(classes)), classes),
-         "per_class_accuracy.png")
+    save(P.confusion_heatmap(confusion, classes, title=f"{who}{split} confusion matrix"), "confusion.png")
+    save(P.per_class_accuracy_bars(M.per_class_accuracy(pred, feats["labels"], len(classes)), classes,
+                                   title=f"{who}{split} accuracy per class"), "per_class_accuracy.png")
     return written
 
 
@@ -104,6 +111,17 @@ def reanalyse(run_dir, figures: bool = True) -> dict[str, Any]:
 
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _run_label(run_dir: Path) -> str:
+    """"center loss" from the run's config.yaml; "" when there is none."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return ""
+    loss = ((yaml.safe_load(path.read_text()) or {}).get("loss") or {}).get("loss")
+    return f"{loss} loss" if loss else ""
 
 
 def _number(text: str):

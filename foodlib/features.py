@@ -35,7 +35,7 @@ def extract_features(
         the loader's order. Embeddings are cast to float32 whatever the autocast dtype.
     """
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
     from foodlib.data.augment import eval_transform
 

@@ -237,7 +237,8 @@ def umap_scatter(coords_or_emb, labels, class_names: Sequence[str] | None = None
         ax: axes to draw into; ``None`` makes a new figure.
         title: axes title.
         legend: ``"auto"`` shows a legend beside the plot up to 20 classes; ``True`` forces a compact
-            multi-column one, ``False`` none.
+            multi-column one; ``False`` only a small one saying what dots and mean markers are;
+            ``None`` none (the caller explains the marks, as :func:`umap_grid` does).
         annotate: ``"auto"`` writes class names at the class means above 20 classes; ``True``/``False``.
         point_size: marker area; ``None`` shrinks it as N grows.
 
@@ -276,9 +277,11 @@ def umap_scatter(coords_or_emb, labels, class_names: Sequence[str] | None = None
                         bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.6))
     if legend == "auto":
         legend = n_classes <= LEGEND_MAX_CLASSES
-    if legend:
+    if legend:  # class names, then what a dot and a mean marker are
         _class_legend(ax, [names[c] for c in present], [colours[c] for c in present],
-                      [markers[c] for c in present])
+                      [markers[c] for c in present], extra=_mark_handles())
+    elif legend is not None:  # None: the caller draws one legend for several axes (umap_grid)
+        ax.legend(handles=_mark_handles(), loc="best", fontsize=7, framealpha=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel("UMAP 1")
@@ -312,10 +315,11 @@ def umap_grid(panels: Sequence[tuple[str, Any, Any]], class_names: Sequence[str]
     fig = Figure(figsize=(panel_size * len(panels), panel_size + 0.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, coords, labels) in zip(axes, panels):
-        umap_scatter(coords, labels, class_names=names, ax=ax, title=title, legend=False, **scatter_kwargs)
+        umap_scatter(coords, labels, class_names=names, ax=ax, title=title, legend=None, **scatter_kwargs)
+    handles = _mark_handles()
     if n_classes <= LEGEND_MAX_CLASSES:
-        handles = _legend_handles(names, class_palette(n_classes), class_markers(n_classes))
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(n_classes, 10), fontsize=8, frameon=False)
+        handles = _legend_handles(names, class_palette(n_classes), class_markers(n_classes)) + handles
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     return fig
 
 
@@ -361,7 +365,10 @@ def features_2d(emb, labels, centers=None, class_names: Sequence[str] | None = N
     ax.set_aspect("equal", adjustable="datalim")  # angles matter for softmax / L-GM features: keep them true
     if n_classes <= LEGEND_MAX_CLASSES:
         present = np.unique(labels)
-        _class_legend(ax, [names[c] for c in present], [colours[c] for c in present], ["o"] * len(present))
+        centre_mark = [Line2D([], [], linestyle="", marker="x", markersize=7, color="black", markeredgewidth=2.0,
+                              label="black x: learned class center")] if centers is not None else []
+        _class_legend(ax, [names[c] for c in present], [colours[c] for c in present], ["o"] * len(present),
+                      extra=centre_mark)
     if title:
         ax.set_title(title)
     return fig
@@ -370,7 +377,8 @@ def features_2d(emb, labels, centers=None, class_names: Sequence[str] | None = N
 # -- curves, confusion, accuracy ---------------------------------------------------------------------
 
 
-def training_curves(trace, terms: Sequence[str] | None = None, title: str | None = None) -> Figure:
+def training_curves(trace, terms: Sequence[str] | None = None, title: str | None = None,
+                    n_classes: int | None = None) -> Figure:
     """Loss and top-1 accuracy per epoch for each split, plus a panel of loss terms when logged.
 
     Args:
@@ -379,6 +387,8 @@ def training_curves(trace, terms: Sequence[str] | None = None, title: str | None
             columns (``ce``, ``center``, ``island``, ``lkd``) get their own panel.
         terms: which term columns to plot; ``None`` takes those of ``KNOWN_LOSS_TERMS`` present.
         title: figure title.
+        n_classes: the number of classes; top-5 is drawn only above 5 classes (with 5 or fewer it
+            is 1 by definition). ``None``: drawn unless every top-5 value is 1.
 
     Returns:
         A figure with 2 axes (loss, accuracy), or 3 when there are terms to plot.
@@ -401,6 +411,8 @@ def training_curves(trace, terms: Sequence[str] | None = None, title: str | None
             raise ValueError(f"terms {unknown} are not columns of the trace; it has {sorted(columns)}.")
     epochs, splits = _floats(columns["epoch"]), np.asarray(columns["split"]).astype(str)
     n_panels = 3 if terms else 2
+    top5 = _floats(columns["top5"]) if "top5" in columns else np.array([])
+    show_top5 = top5.size > 0 and (n_classes > 5 if n_classes is not None else not np.all(top5[np.isfinite(top5)] == 1))
     fig = Figure(figsize=(4.2 * n_panels, 3.6), layout="constrained")
     axes = fig.subplots(1, n_panels)
     for split in dict.fromkeys(splits):  # first-seen order
@@ -408,7 +420,7 @@ def training_curves(trace, terms: Sequence[str] | None = None, title: str | None
         colour = _SPLIT_COLOURS.get(split)
         axes[0].plot(epochs[rows], _floats(columns["loss"])[rows], marker=".", label=split, color=colour)
         axes[1].plot(epochs[rows], _floats(columns["top1"])[rows], marker=".", label=f"{split} top-1", color=colour)
-        if "top5" in columns:
+        if show_top5:
             axes[1].plot(epochs[rows], _floats(columns["top5"])[rows], linestyle=":", color=colour,
                          label=f"{split} top-5")
         for i, term in enumerate(terms):
@@ -434,8 +446,9 @@ def training_curves(trace, terms: Sequence[str] | None = None, title: str | None
 
 
 def confusion_heatmap(confusion, class_names: Sequence[str] | None = None, highlight: int = 5,
-                      normalize: bool = True, ax=None, title: str | None = "confusion matrix") -> Figure:
-    """Heatmap of a confusion matrix with the ``highlight`` most confused class pairs boxed.
+                      normalize: bool = True, ax=None, title: str | None = "confusion matrix",
+                      vmax: float | None = None, colorbar: bool = True, explain_boxes: bool = True) -> Figure:
+    """Heatmap of a confusion matrix with the ``highlight`` most confused class pairs boxed in red.
 
     Args:
         confusion: counts ``(C, C)``, row = true class, column = predicted.
@@ -445,6 +458,10 @@ def confusion_heatmap(confusion, class_names: Sequence[str] | None = None, highl
         normalize: colour by row rates (each true class sums to 1) rather than counts.
         ax: axes to draw into; ``None`` makes a new figure.
         title: axes title.
+        vmax: top of the colour scale (default: 1 when normalised, else the largest count); pass the
+            same value to panels that are to be compared.
+        colorbar: draw this heatmap's colour bar (False when a figure shares one).
+        explain_boxes: add a line under the title saying what the red boxes are.
 
     >>> fig = confusion_heatmap(np.array([[8, 2], [1, 9]]), ["pho", "ramen"], highlight=1)
     >>> len(fig.axes[0].patches)  # one box per cell of the pair
@@ -460,19 +477,31 @@ def confusion_heatmap(confusion, class_names: Sequence[str] | None = None, highl
     side = float(np.clip(0.22 * n_classes + 3.0, 5.0, 18.0))
     fig, ax = _figure_and_axes(ax, figsize=(side + 1.0, side))
     values = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1) if normalize else confusion
+    if vmax is None:
+        vmax = 1.0 if normalize else float(max(confusion.max(), 1))
     sns.heatmap(values, ax=ax, cmap="viridis", square=True, xticklabels=names, yticklabels=names,
                 annot=n_classes <= 12, fmt=".2f" if normalize else "d", annot_kws={"fontsize": 7},
+                vmin=0.0, vmax=vmax, cbar=colorbar,
                 cbar_kws={"label": "fraction of true class" if normalize else "count", "shrink": 0.7})
     tick_size = float(np.clip(220 / n_classes, 4, 9))
     ax.tick_params(labelsize=tick_size)
-    for a, b, _ in most_confused_pairs(confusion, None, k=highlight) if highlight > 0 else []:
+    boxed = most_confused_pairs(confusion, None, k=highlight) if highlight > 0 else []
+    for a, b, _ in boxed:
         for row, col in ((a, b), (b, a)):
             ax.add_patch(Rectangle((col, row), 1, 1, fill=False, edgecolor="red", linewidth=2.0, clip_on=False))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
+    note = box_note(len(boxed)) if explain_boxes and boxed else None
+    if title or note:
+        ax.set_title("\n".join(t for t in (title, note) if t), fontsize=None if not note else 9)
     return fig
+
+
+def box_note(n_pairs: int) -> str:
+    """What the red boxes of :func:`confusion_heatmap` mean, for a title or caption."""
+    pairs = "the most confused pair" if n_pairs == 1 else f"the {n_pairs} most confused pairs"
+    return f"red boxes: {pairs} of classes (both cells of a pair)"
+
 
 
 def per_class_accuracy_bars(acc, class_names: Sequence[str] | None = None, sort: bool = True, ax=None,
@@ -493,14 +522,13 @@ def per_class_accuracy_bars(acc, class_names: Sequence[str] | None = None, sort:
     if sort:
         shown = shown[np.argsort(acc[shown], kind="stable")[::-1]]  # best at the bottom: barh draws upwards
     fig, ax = _figure_and_axes(ax, figsize=(6.0, float(np.clip(0.2 * len(shown) + 1.5, 3.0, 16.0))))
-    palette = class_palette(len(acc))
-    ax.barh(np.arange(len(shown)), acc[shown], color=[palette[i] for i in shown])
+    ax.barh(np.arange(len(shown)), acc[shown], color="tab:blue")  # one colour: it carries no meaning
     tick_size = float(np.clip(300 / max(len(shown), 1), 5, 9))
     ax.set_yticks(np.arange(len(shown)), [names[i] for i in shown], fontsize=tick_size)
     if shown.size:
         mean = float(acc[shown].mean())
         ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)  # the worst classes, at the top, have the shortest bars
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy")
     if title:
@@ -595,9 +623,18 @@ def _legend_handles(names, colours, markers) -> list[Line2D]:
                    markeredgewidth=0.5, label=n) for n, c, m in zip(names, colours, markers)]
 
 
-def _class_legend(ax, names, colours, markers) -> None:
+def _mark_handles() -> list[Line2D]:
+    """Legend entries saying what a small dot and a large black-edged marker are."""
+    return [Line2D([], [], linestyle="", marker="o", markersize=3, markerfacecolor="0.5", markeredgewidth=0,
+                   label="small dot: one image"),
+            Line2D([], [], linestyle="", marker="o", markersize=8, markerfacecolor="0.5", markeredgecolor="black",
+                   markeredgewidth=1.0, label="large, black edge: class mean")]
+
+
+def _class_legend(ax, names, colours, markers, extra: Sequence[Line2D] = ()) -> None:
     # Outside the axes, so it never covers points; columns keep 60 names to about 30 lines.
-    ax.legend(handles=_legend_handles(names, colours, markers), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+    ax.legend(handles=_legend_handles(names, colours, markers) + list(extra), loc="upper left",
+              bbox_to_anchor=(1.01, 1.0),
               fontsize=7 if len(names) > 10 else 8, ncol=math.ceil(len(names) / 30), frameon=False,
               handletextpad=0.2, columnspacing=0.8)
 

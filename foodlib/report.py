@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import yaml
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from foodlib import metrics as M
@@ -330,14 +332,22 @@ def lookalike_confusion_figure(rows: list[dict[str, Any]], split: str = "test",
         return None
     chosen = sorted(chosen)
     names = [classes[c] for c in chosen]
-    side = float(np.clip(0.5 * len(chosen) + 2.0, 3.5, 7.0))
-    fig = Figure(figsize=((side + 1.0) * len(confusions), side + 0.5), layout="constrained")
-    axes = fig.subplots(1, len(confusions), squeeze=False)[0]
+    # Two panels a row: readable at the README's width (~900 px) rather than one long strip.
+    n_cols = min(2, len(confusions))
+    n_rows = -(-len(confusions) // n_cols)
+    side = float(np.clip(0.45 * len(chosen) + 2.0, 3.5, 5.5))
+    fig = Figure(figsize=(side * n_cols + 1.2, side * n_rows + 1.0), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    n_boxed = min(3, len(pairs))
     for ax, (variant, confusion) in zip(axes, confusions.items()):
-        P.confusion_heatmap(confusion[np.ix_(chosen, chosen)], names, highlight=min(3, len(pairs)), ax=ax,
-                            title=variant)
-    fig.suptitle(f"{split} confusion among the {len(chosen)} most look-alike classes (rows: true; "
-                 "normalised within the shown classes)")
+        P.confusion_heatmap(confusion[np.ix_(chosen, chosen)], names, highlight=n_boxed, ax=ax, title=variant,
+                            vmax=1.0, colorbar=False, explain_boxes=False)  # one scale for all panels
+    for ax in axes[len(confusions):]:
+        ax.set_visible(False)
+    fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="viridis"), ax=list(axes[:len(confusions)]),
+                 shrink=0.6, label="fraction of the true class's images (rows sum to 1)")
+    fig.suptitle(f"{split} confusion among the {len(chosen)} most look-alike classes; rows: true class, "
+                 f"normalised within the shown classes;\n{P.box_note(n_boxed)}, per panel")
     return fig
 
 

@@ -504,6 +504,9 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
             str(notebook), str(output), parameters=parameters, kernel_name=KERNEL_NAME, cwd=os.getcwd(),
             progress_bar=not quiet, stdout_file=None if quiet else sys.stdout,
             stderr_file=None if quiet else sys.stderr,
+            # the kernel's own start-up warnings (ipykernel's "running over TCP without encryption" on
+            # every local kernel) are not the user's concern; the cells' warnings and errors still show
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     finally:
         papermill_log.removeFilter(log_filter)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
 from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
@@ -38,6 +38,7 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
+from foodlib.precision import describe_device_and_precision
 
 CHECKPOINT_FORMAT = 1
 
@@ -448,6 +449,7 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     optimizer, center_optimizer = build_optimizers(cfg, model, loss)
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    log(describe_device_and_precision(cfg.train.amp, device, amp_dtype))
 
     if info.world_size > 1 and cfg.train.batch_size % info.world_size:
         raise ConfigError(f"batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes")

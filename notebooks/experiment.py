@@ -116,10 +116,12 @@ run_features = load_features(run_dir / "features.npz")
 print({split: run_features[split]["embeddings"].shape for split in ("train", "val", "test") if split in run_features})
 metrics_table = pd.DataFrame({split: result.metrics[split] for split in ("train", "val", "test")
                               if split in result.metrics}).T.drop(columns=["top1_ci", "n"], errors="ignore")
-display(metrics_table.astype(float).round(4))
+# train's loss and top-1 are measured while training (augmented; trace.csv), not re-evaluated: "-" here
+display(metrics_table.astype(float).round(4).astype(object).where(metrics_table.notna(), "-"))
 shown = "test" if "test" in result.metrics else "val"  # eval_test=False (tuning) keeps test out
+shown_ci = result.metrics[shown].get("top1_ci")
 print(f"{shown} top-1 {result.metrics[shown]['top1']:.3f}"
-      + (f", bootstrap 95% CI {result.metrics[shown]['top1_ci']}" if "top1_ci" in result.metrics[shown] else ""))
+      + (f", bootstrap 95% CI [{shown_ci[0]:.3f}, {shown_ci[1]:.3f}]" if shown_ci else ""))
 
 # %%
 shown_features = run_features[shown]

@@ -56,6 +56,9 @@ def test_palette_and_markers_give_each_of_60_classes_its_own_look():
     assert P.class_palette(7) == P.class_palette(7)  # stable: same class, same colour in every figure
 
 
+MARKS = ["small dot: one image", "large, black edge: class mean"]
+
+
 def test_umap_scatter_of_2d_points_few_classes(tmp_path):
     coords, labels = clustered_points(n_classes=3)
     fig = P.umap_scatter(coords, labels, class_names=["pho", "ramen", "udon"], title="t")
@@ -66,7 +69,7 @@ def test_umap_scatter_of_2d_points_few_classes(tmp_path):
     assert len(scatters[0].get_offsets()) == 60
     np.testing.assert_allclose(np.sort(scatters[1].get_offsets()[:, 0]),
                                np.sort([coords[labels == c, 0].mean() for c in range(3)]))
-    assert legend_texts(ax) == ["pho", "ramen", "udon"]
+    assert legend_texts(ax) == ["pho", "ramen", "udon", *MARKS]  # names, then what the marks are
     assert len(ax.texts) == 0  # few classes: a legend, no name annotations
     assert_png(P.save_figure(fig, tmp_path / "deep" / "umap.png"))
 
@@ -75,12 +78,12 @@ def test_umap_scatter_many_classes_annotates_means_instead_of_a_legend():
     coords, labels = clustered_points(n_classes=60, per_class=3)
     fig = P.umap_scatter(coords, labels, class_names=[f"dish{i}" for i in range(60)])
     ax = fig.axes[0]
-    assert ax.get_legend() is None
+    assert legend_texts(ax) == MARKS  # no class legend: the names are at the means
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"dish{i}" for i in range(60))
     # class means: one collection per marker shape (3 bands of 20 classes)
     assert len([c for c in ax.collections if isinstance(c, PathCollection)]) == 1 + 3
     forced = P.umap_scatter(coords, labels, legend=True, annotate=False)
-    assert len(legend_texts(forced.axes[0])) == 60 and len(forced.axes[0].texts) == 0
+    assert len(legend_texts(forced.axes[0])) == 60 + len(MARKS) and len(forced.axes[0].texts) == 0
 
 
 def test_umap_scatter_draws_into_a_given_axes_and_checks_labels():
@@ -116,7 +119,7 @@ def test_umap_grid_one_axes_per_panel_and_one_shared_legend(tmp_path):
     assert len(fig.axes) == 3
     assert [ax.get_title() for ax in fig.axes] == ["softmax", "center", "lgm"]
     assert all(ax.get_legend() is None for ax in fig.axes)
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pho", "ramen", "udon"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pho", "ramen", "udon", *MARKS]
     # the same class has the same colour in every panel
     mean_colours = [tuple(map(tuple, ax.collections[1].get_facecolors())) for ax in fig.axes]
     assert mean_colours[0] == mean_colours[1] == mean_colours[2]
@@ -136,7 +139,7 @@ def test_features_2d_points_and_black_centers(tmp_path):
     assert len(points.get_offsets()) == 100
     np.testing.assert_allclose(marks.get_offsets(), centers)
     assert tuple(marks.get_facecolors()[0][:3]) == (0.0, 0.0, 0.0)
-    assert len(legend_texts(ax)) == 10
+    assert len(legend_texts(ax)) == 10 + 1 and legend_texts(ax)[-1] == "black x: learned class center"
     assert len(P.features_2d(emb, labels).axes[0].collections) == 1  # no centers given: none drawn
     with pytest.raises(ValueError, match="features_2d needs 2-D embeddings"):
         P.features_2d(np.zeros((5, 3)), np.zeros(5, int))
@@ -195,6 +198,26 @@ def test_confusion_heatmap_boxes_both_cells_of_each_top_pair(tmp_path):
     assert len(fig.axes) == 2  # the heatmap and its colour bar
     assert len(P.confusion_heatmap(confusion, highlight=0).axes[0].patches) == 0
     assert_png(P.save_figure(fig, tmp_path / "confusion.png"))
+
+
+def test_training_curves_leave_out_top5_with_5_classes_or_fewer():
+    def has_top5(fig):
+        return any("top-5" in t for t in legend_texts(fig.axes[1]))
+
+    assert not has_top5(P.training_curves(trace_rows(), n_classes=5))  # top-5 of 5 classes is always 1
+    assert has_top5(P.training_curves(trace_rows(), n_classes=6))
+    ones = [{**row, "top5": 1.0} for row in trace_rows()]
+    assert not has_top5(P.training_curves(ones)) and has_top5(P.training_curves(trace_rows()))
+
+
+def test_confusion_heatmap_explains_its_red_boxes_and_takes_a_shared_scale():
+    confusion = np.array([[8, 2, 0], [1, 9, 0], [0, 3, 7]])
+    fig = P.confusion_heatmap(confusion, highlight=2, title="t")
+    assert fig.axes[0].get_title() == "t\nred boxes: the 2 most confused pairs of classes (both cells of a pair)"
+    assert fig.axes[1].get_ylim() == (0.0, 1.0)  # normalised: the colour bar spans 0..1, not the data's range
+    shared = P.confusion_heatmap(confusion, normalize=False, vmax=20, colorbar=False, explain_boxes=False, title="t")
+    assert len(shared.axes) == 1 and shared.axes[0].get_title() == "t"
+    assert shared.axes[0].collections[0].get_clim() == (0.0, 20)
 
 
 def test_per_class_accuracy_bars_sorted_without_empty_classes(tmp_path):

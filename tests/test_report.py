@@ -189,6 +189,17 @@ def test_lookalike_confusion_picks_the_most_confused_classes(suite_dir):
     assert [t.get_text() for t in heatmaps[1].get_xticklabels()] == CLASSES
 
 
+def test_lookalike_confusion_panels_share_one_scale_and_fit_the_readme(suite_dir):
+    rows = R.collect_runs(suite_dir)
+    fig = R.lookalike_confusion_figure(rows, max_classes=4)
+    heatmaps = [ax for ax in fig.axes if ax.get_title() in ("softmax", "center")]
+    assert [ax.collections[0].get_clim() for ax in heatmaps] == [(0.0, 1.0)] * 2  # comparable colours
+    assert len(fig.axes) == len(heatmaps) + 1  # one colour bar for the figure
+    assert "red boxes" in fig.get_suptitle()
+    width, height = fig.get_size_inches()
+    assert width <= 12.5 and width / height < 2.5  # two panels a row at most: not a 4000 px strip
+
+
 def test_write_report(suite_dir, tmp_path):
     (suite_dir / "suite.json").write_text(json.dumps({"name": "demo", "baseline": "softmax", "runs": [
         {"name": f"{loss}-s{seed}", "variant": loss, "loss": loss, "seed": seed, "status": "ok"}

@@ -154,7 +154,7 @@ def build_cache(
 
 def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool) -> dict[str, str]:
     """Decode ``paths`` into a new memory-mapped ``file`` (N, side, side, 3), in threads; unreadable files -> errors."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
     out = np.memmap(file, dtype=np.uint8, mode="w+", shape=(len(paths), side, side, 3))
     errors: dict[str, str] = {}

@@ -596,7 +596,7 @@ def write_dishes(root: str | os.PathLike, spec: DishesSpec | None = None, progre
         for c in range(spec.num_classes)
         for i in range(counts[split])
     ]
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
     building = building_dir(root)
     try:
