@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import subprocess
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,9 +409,22 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     run_dir = Path(cfg.train.out).expanduser()
-    # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
-    with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
-        return _fit(cfg, data, device, info, run_dir, t_start)
+    new_folder = info.is_main and not run_dir.exists()
+    try:
+        # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
+        with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
+            return _fit(cfg, data, device, info, run_dir, t_start)
+    except BaseException:
+        if new_folder:
+            remove_unstarted_run(run_dir)
+        raise
+
+
+def remove_unstarted_run(run_dir: Path) -> None:
+    """Remove a run folder that this fit() created and that holds no finished epoch (no trace.csv,
+    no checkpoint): a typo in ``data`` or missing weights leaves no half-made run behind."""
+    if not any((run_dir / name).exists() for name in ("trace.csv", "last.pt", "best.pt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, run_dir: Path, t_start: float) -> RunResult:
@@ -441,6 +455,7 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     if data is None:
         # rank 0 generates / decodes first, the other ranks then reuse its files (no K-fold work)
         data = in_turns(load_data, cfg, run_dir if main else None, progress=progress)
+    log(f"data: {data.index.summary()}")
     model, loss = build_model_and_loss(cfg, data.num_classes)
     model = maybe_sync_batchnorm(model, cfg.train.sync_bn, device, info.world_size)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

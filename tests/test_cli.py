@@ -121,3 +121,31 @@ def test_resnet18_pretrained_offline_is_one_line_and_exit_2(tmp_path, monkeypatc
     assert err.startswith("foodlib train: error: could not download pretrained weights for resnet18")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "--pretrained PATH" in err  # the fix is named
+
+
+# ----- a run that fails before training ---------------------------------------------------------------
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FOODLIB_DEBUG", raising=False)
+    out = tmp_path / "runs" / "typo"
+    code = cli_main(["train", "--data", str(tmp_path / "fod101"), "--quiet", "--out", str(out)])
+    assert code == 2 and str(tmp_path / "fod101") in capsys.readouterr().err
+    assert not out.exists()  # no config.yaml / run.json of a run that never started
+    kept = tmp_path / "runs" / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert cli_main(["train", "--data", str(tmp_path / "fod101"), "--quiet", "--out", str(kept)]) == 2
+    assert (kept / "notes.txt").read_text() == "mine"  # a folder that existed before is never removed
+
+
+def test_a_folder_without_test_split_says_val_is_all_it_reports(tmp_path):
+    from PIL import Image
+
+    from foodlib.data.folders import carve_val, index_image_folder
+
+    for name in ("pho", "ramen"):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    summary = carve_val(index_image_folder(tmp_path), 0.2, 0).summary()
+    assert "no test split" in summary and "val is all the run reports" in summary

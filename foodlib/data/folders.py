@@ -56,6 +56,8 @@ class DatasetIndex:
 
     def summary(self) -> str:
         parts = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
+        if not len(self.splits.get("test", ())):  # root/<class>/* or no test/ folder
+            parts += "; no test split (no test/ folder), so val is all the run reports"
         return f"{self.num_classes} classes; {parts}"
 
     def write_split_files(self, folder: str | Path) -> Path:
