@@ -189,9 +189,13 @@ class ScanReport:
                 if count > max_per_kind:
                     lines.append(f"    ... and {count - max_per_kind} more (use --json for all)")
         if self.ignored:
-            lines.append(f"ignored (hidden, or beside the split folders): {len(self.ignored)} path(s), see .ignored")
+            lines.append(f"ignored (hidden, or beside the split folders): {len(self.ignored)} path(s)")
+            lines += [f"    {path}" for path in self.ignored[:max_per_kind]]
+            if len(self.ignored) > max_per_kind:
+                lines.append(f"    ... and {len(self.ignored) - max_per_kind} more (use --json for all)")
         if self.errors:
-            lines.append(f"{len(self.bad_files)} files cannot be used; training skips them (ScanReport.bad_files)")
+            lines.append(f"{len(self.bad_files)} files cannot be used; training skips them and lists them in the "
+                         "run folder's bad_files.txt")
         return "\n".join(lines)
 
 
