@@ -50,7 +50,7 @@ def describe_device_and_precision(amp: str, device: torch.device, dtype: torch.d
         elif torch.cuda.is_available():
             why_cpu = "device=cpu was asked for"
         else:
-            why_cpu = f"torch is built for CUDA {cuda_build} but sees no GPU (driver, CUDA_VISIBLE_DEVICES)"
+            why_cpu = f"torch is built for CUDA {cuda_build} but sees no GPU: no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides it"
         where = f"device {device.type} ({cpu_name or cpu_model_name()}; {why_cpu})"
     if amp == "off":
         why = "amp=off"
