@@ -17,7 +17,9 @@ import csv
 import io
 import math
 import os
+import pickle
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -306,16 +308,34 @@ def read_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
     return ckpt
 
 
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message: user-facing errors stay on one line."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a foodlib checkpoint, with a clear error for a missing, truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain values only. A run folder may come from someone else, and a
+        # full unpickle would run whatever code an object in it names (its __reduce__).
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused is None:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {_first_line(error)}); "
+                "delete it and resume from the other checkpoint (last.pt / best.pt) or retrain"
+            ) from error
+        raise CheckpointError(
+            f"checkpoint {path} holds a Python object ({refused.group(1)}), not only tensors and plain values; "
+            "foodlib refuses to load it because unpickling it could run code. Retrain, or get the run from its author"
+        ) from error
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {_first_line(error)}); "
             "delete it and resume from the other checkpoint (last.pt / best.pt) or retrain"
         ) from error
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -495,3 +495,53 @@ def test_a_diverging_lr_is_caught_as_a_non_finite_loss(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at epoch 1, step \d+"):
         fit(tiny_config(tmp_path, optimizer="sgd", lr=1e12, momentum=0.0, schedule="constant", epochs=1,
                         features=False))
+
+
+# ----- untrusted run folders: loading never runs code from them ------------------------------------
+
+class _WritesAMarker:
+    """Unpickling this calls ``os.system("touch MARKER")``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def plant_payload(run: Path, marker: Path) -> None:
+    """Add the payload object to best.pt and last.pt, keeping every real key (a checkpoint that works)."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["note"] = _WritesAMarker(marker)
+        torch.save(ckpt, run / name)
+
+
+def test_checkpoint_with_code_in_it_never_runs_it(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "payload-ran"
+    plant_payload(run, marker)
+    image = tmp_path / "query.jpg"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
+
+    for load in (lambda: load_run(run), lambda: load_checkpoint(run / "last.pt"),
+                 lambda: fit(tiny_config(tmp_path, epochs=2, resume=True, features=False))):
+        with pytest.raises(CheckpointError, match="refuses to load it") as error:
+            load()
+        assert "posix.system" in str(error.value) or "os.system" in str(error.value)
+        assert "\n" not in str(error.value)
+    for argv in (["predict", str(run), str(image)], ["embed", str(run), str(image), "--out", str(tmp_path / "e.npz")],
+                 ["export", str(run), "--out", str(tmp_path / "m.pt")],
+                 ["train", "--config", str(run / "config.yaml"), "--out", str(run), "--epochs", "2", "--resume"]):
+        code = cli_main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert len(err.strip().splitlines()) == 1 and "refuses to load it" in err, (argv, err)
+    assert not marker.exists(), "the checkpoint's payload ran"
+
+
+def test_every_checkpoint_foodlib_writes_loads_as_weights_only(finished_run):
+    """best.pt and last.pt hold only tensors and plain values (the resume test covers every optimizer)."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(finished_run / name, weights_only=True)
+        assert {"model", "loss", "config", "classes"} <= set(ckpt)
