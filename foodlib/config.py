@@ -85,6 +85,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads of torch (None: torch's default, one per core; 1 wins on a busy machine)
     out: str = "runs/default"  # run folder
     resume: bool = False  # continue the run in `out` from last.pt
+    overwrite: bool = False  # allow training over a finished run in `out` (its results are replaced)
     quiet: bool = False  # no progress bars (batch runs)
     eval_test: bool = True  # evaluate the test split from the best checkpoint at the end
     features: bool = True  # extract embeddings + logits for every split into features.npz

@@ -39,6 +39,7 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
                                  setup_distributed, wrap_ddp)
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
+from foodlib.runfolder import check_run_folder
 from foodlib.models import EmbeddingNet, create_model
 
 CHECKPOINT_FORMAT = 1
@@ -259,7 +260,7 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
 #: ``epochs`` may only grow (the lr schedule then stretches from the resumed step on).
 RESUME_FREE_FIELDS = frozenset({
     "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
-    "eval_test", "features", "figures", "threads",
+    "eval_test", "features", "figures", "threads", "overwrite",
 })
 
 #: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
@@ -442,18 +443,15 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
 
     # -- run folder --------------------------------------------------------------------------
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if last_path.exists() and not cfg.train.resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a run (last.pt). Pass resume=True (--resume) to continue it, "
-            "or choose another out folder."
-        )
+    if main:
+        check_run_folder(run_dir, cfg, log)  # a finished run is replaced only with overwrite=True
     # Read and check last.pt before anything in the folder is rewritten: a refused resume must
     # leave the run's config.yaml and run.json as they were.
     resume_ckpt = read_resume_checkpoint(last_path, cfg) if cfg.train.resume and last_path.exists() else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir)  # half-written files of a killed run; the real ones are intact
-        cfg.to_yaml(run_dir / "config.yaml")
+        cfg.with_overrides(overwrite=False).to_yaml(run_dir / "config.yaml")  # never carried on to a rerun
         atomic_write_json(run_dir / "run.json", run_info(cfg, device, info))
 
     # -- data, model, loss, optimizers --------------------------------------------------------

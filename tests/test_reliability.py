@@ -545,3 +545,54 @@ def test_every_checkpoint_foodlib_writes_loads_as_weights_only(finished_run):
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(finished_run / name, weights_only=True)
         assert {"model", "loss", "config", "classes"} <= set(ckpt)
+
+
+# ----- a finished run is never overwritten without --overwrite ------------------------------------
+
+def fingerprint(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in ("best.pt", "metrics.json", "trace.csv")}
+
+
+def test_finished_run_without_last_pt_is_not_overwritten(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    (run / "last.pt").unlink()  # to save disk, or as the corrupt-checkpoint message suggests
+    before = fingerprint(run)
+    with pytest.raises(FileExistsError, match="--overwrite") as error:
+        fit(tiny_config(tmp_path, epochs=1, features=False))
+    assert "best.pt" in str(error.value) and "metrics.json" in str(error.value)
+    code = cli_main(["train", "--config", str(run / "config.yaml"), "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--overwrite" in err
+    assert fingerprint(run) == before
+
+
+def test_resume_without_last_pt_does_not_silently_start_over(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    (run / "last.pt").unlink()
+    before = fingerprint(run)
+    with pytest.raises(ConfigError, match="lr=0.1"):  # a different config: named, whatever is in the folder
+        fit(tiny_config(tmp_path, epochs=1, features=False, resume=True, lr=0.1))
+    with pytest.raises(FileExistsError, match="no last.pt"):  # same config, but results there: not resumable
+        fit(tiny_config(tmp_path, epochs=1, features=False, resume=True))
+    assert fingerprint(run) == before
+
+
+def test_resume_of_a_run_killed_before_its_first_epoch_checks_the_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_config(tmp_path, epochs=1).to_yaml(run / "config.yaml")  # what fit() writes before epoch 1
+    with pytest.raises(ConfigError, match="lr=0.1"):
+        fit(tiny_config(tmp_path, epochs=1, features=False, resume=True, lr=0.1))
+    fit(tiny_config(tmp_path, epochs=1, features=False, resume=True))
+    assert "starting from epoch 1" in capsys.readouterr().out
+    assert (run / "metrics.json").is_file()
+
+
+def test_overwrite_flag_replaces_a_finished_run_and_is_not_recorded(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    (run / "figures").mkdir(exist_ok=True)
+    (run / "figures" / "old.png").write_bytes(b"old figure")
+    fit(tiny_config(tmp_path, epochs=1, features=False, seed=3, overwrite=True))
+    assert not (run / "figures" / "old.png").exists()
+    assert Config.from_yaml(run / "config.yaml").train.seed == 3
+    assert Config.from_yaml(run / "config.yaml").train.overwrite is False  # a rerun from config.yaml asks again

@@ -1,0 +1,80 @@
+"""What a run folder may be used for: a finished run is never replaced without ``overwrite=True``.
+
+:func:`check_run_folder` runs before ``fit()`` writes anything into its ``out`` folder. It decides
+between a new run, a resumed one, an explicit overwrite and a refusal, with a one-line reason.
+
+>>> check_run_folder(Path("runs/try"), cfg, print)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+#: Files a run writes once it has trained (any one of them means: results live here).
+RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz")
+#: Folders of results, replaced together with the files on ``overwrite``.
+RESULT_FOLDERS = ("figures",)
+
+
+def run_results(run_dir: Path) -> list[str]:
+    """Names of the result files and folders in ``run_dir`` (empty for a new or never-trained folder)."""
+    return [name for name in (*RESULT_FILES, *RESULT_FOLDERS) if (run_dir / name).exists()]
+
+
+def check_run_folder(run_dir: Path, cfg, log: Callable[[str], None] = print) -> None:
+    """Refuse to train over results in ``run_dir`` unless asked, in one line naming the files and the fix.
+
+    - ``resume`` with ``last.pt``: allowed (``fit`` then checks that the config matches).
+    - ``resume`` without ``last.pt``: the folder's ``config.yaml`` must match ``cfg``; a folder with
+      other results (best.pt, metrics.json) cannot be resumed and needs ``overwrite``.
+    - no ``resume``: any result file refuses, unless ``overwrite``, which removes them first.
+
+    Raises:
+        FileExistsError: results are there and neither flag allows replacing them.
+        ConfigError: ``resume`` without ``last.pt`` and a ``config.yaml`` that differs from ``cfg``.
+    """
+    results = run_results(run_dir)
+    if cfg.train.resume:
+        if "last.pt" in results:
+            return
+        recorded = run_dir / "config.yaml"
+        if recorded.is_file():
+            _check_recorded_config(recorded, cfg)
+        if results and not cfg.train.overwrite:
+            raise FileExistsError(
+                f"{run_dir} holds results ({', '.join(results)}) but no last.pt, so it cannot be resumed; "
+                "pass --overwrite (overwrite=True) to retrain it from scratch, or choose another out folder"
+            )
+        if not results:
+            if recorded.is_file():
+                log(f"{run_dir} has no last.pt (no epoch had finished): starting from epoch 1")
+            return
+    elif results and not cfg.train.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({', '.join(results)}); pass --resume (resume=True) to continue it, "
+            "--overwrite (overwrite=True) to replace its results, or choose another out folder"
+        )
+    if results:  # overwrite=True, asked for explicitly
+        for name in results:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        log(f"overwrite: removed the earlier results of {run_dir} ({', '.join(results)})")
+
+
+def _check_recorded_config(recorded: Path, cfg) -> None:
+    """ConfigError unless ``cfg`` may continue the run recorded in ``recorded`` (same rules as resume)."""
+    import yaml
+
+    from foodlib.config import ConfigError
+    from foodlib.train import check_resume_config  # local: train imports this module
+
+    try:
+        saved = yaml.safe_load(recorded.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{recorded} is unreadable ({type(error).__name__}); "
+                          "pass --overwrite to start the run again, or choose another out folder") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{recorded} is not a foodlib config; pass --overwrite to start the run again, "
+                          "or choose another out folder")
+    check_resume_config(saved, cfg, recorded)
