@@ -78,3 +78,37 @@ def _check_recorded_config(recorded: Path, cfg) -> None:
         raise ConfigError(f"{recorded} is not a foodlib config; pass --overwrite to start the run again, "
                           "or choose another out folder")
     check_resume_config(saved, cfg, recorded)
+
+
+# ----- outdated runs: moved aside, never deleted ---------------------------------------------------
+
+RETIRED_MARK = ".old-"  # RUN.old-20261201-124500: an outdated run a suite moved aside
+
+
+def is_retired(name: str) -> bool:
+    """True for a folder name made by :func:`retire_run_folder` (reports skip these)."""
+    return RETIRED_MARK in name
+
+
+def retire_run_folder(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``RUN.old-<timestamp>`` next to it and return the new path; nothing is deleted.
+
+    Holds the folder's lock while renaming, so a run still writing there is never moved away.
+
+    Raises:
+        FolderBusyError: a live ``fit()`` holds the folder.
+    """
+    import time
+
+    from foodlib.io import LOCK_NAME, folder_lock
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    retired = run_dir.with_name(f"{run_dir.name}{RETIRED_MARK}{stamp}")
+    n = 1
+    while retired.exists():
+        n += 1
+        retired = run_dir.with_name(f"{run_dir.name}{RETIRED_MARK}{stamp}-{n}")
+    with folder_lock(run_dir, "a suite moving an outdated run aside"):  # not under a live fit()
+        run_dir.rename(retired)
+    (retired / LOCK_NAME).unlink(missing_ok=True)
+    return retired

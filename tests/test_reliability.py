@@ -596,3 +596,37 @@ def test_overwrite_flag_replaces_a_finished_run_and_is_not_recorded(finished_run
     assert not (run / "figures" / "old.png").exists()
     assert Config.from_yaml(run / "config.yaml").train.seed == 3
     assert Config.from_yaml(run / "config.yaml").train.overwrite is False  # a rerun from config.yaml asks again
+
+
+# ----- a suite never deletes a run folder ------------------------------------------------------------
+
+def test_suite_moves_an_outdated_run_aside_instead_of_deleting_it(tmp_path, monkeypatch):
+    import foodlib.suite as S
+    from foodlib.report import collect_runs
+    from test_suite import TINY_BASE, FakePapermill, suite_text
+
+    monkeypatch.setattr(S, "execute_notebook", FakePapermill())
+    S.run_suite(S.load_suite(suite_text(), tmp_path), log=lambda line: None)
+    (tmp_path / "tiny" / "softmax-s0" / "best.pt").write_bytes(b"the finished run's weights")
+    lines = []
+    S.run_suite(S.load_suite(suite_text(base={**TINY_BASE, "epochs": 2}), tmp_path), log=lines.append)
+    retired = sorted((tmp_path / "tiny").glob("softmax-s0.old-*"))
+    assert len(retired) == 1 and (retired[0] / "best.pt").read_bytes() == b"the finished run's weights"
+    assert any(str(retired[0]) in line and "moved" in line for line in lines), lines
+    assert not (retired[0] / LOCK_NAME).exists()
+    assert sorted(row["run"] for row in collect_runs(tmp_path / "tiny")) == ["center-s0", "softmax-s0"]
+
+
+@pytest.mark.parametrize("field, value", [("figures", True), ("quiet", False), ("workers", 2), ("threads", 1),
+                                          ("device", "cpu"), ("overwrite", True), ("cache_dir", "/elsewhere")])
+def test_suite_fields_that_change_no_result_do_not_make_a_run_outdated(tmp_path, field, value):
+    import foodlib.suite as S
+    from test_suite import suite_text
+
+    run = S.plan_suite(S.load_suite(suite_text(), tmp_path))[0]
+    run.run_dir.mkdir(parents=True)
+    run.config.to_yaml(run.run_dir / "config.yaml")
+    (run.run_dir / "metrics.json").write_text("{}")
+    assert S.run_state(run) == "complete"
+    run.config = run.config.with_overrides(**{field: value})
+    assert S.run_state(run) == "complete"
