@@ -630,3 +630,71 @@ def test_suite_fields_that_change_no_result_do_not_make_a_run_outdated(tmp_path,
     assert S.run_state(run) == "complete"
     run.config = run.config.with_overrides(**{field: value})
     assert S.run_state(run) == "complete"
+
+
+# ----- a damaged decoded cache is found, reported and rebuilt --------------------------------------
+
+def small_photos(folder: Path, n: int = 6) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
+
+
+def damage_keeping_size_and_mtime(path: Path) -> None:
+    st = path.stat()
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, st.st_size, dtype=np.uint8).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_same_size_corruption_of_the_decoded_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, capsys):
+    import foodlib.data.cache as cache_module
+    from foodlib.data.cache import build_cache
+
+    paths = small_photos(tmp_path / "photos")
+    first = build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    expected = np.array(first.array)
+    damage_keeping_size_and_mtime(Path(first.file))
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())  # a new process: first use since the damage
+
+    assert cli_main(["cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    listing = capsys.readouterr().out
+    assert "corrupt" in listing and "current" not in listing.split("state", 1)[1]
+
+    with pytest.warns(UserWarning, match=r"is corrupt: block 1 of 1 .*rebuilding it") as warned:
+        again = build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert first.file in str(warned[0].message)
+    assert np.array_equal(np.asarray(again.array), expected)
+    assert cli_main(["cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "current" in capsys.readouterr().out
+
+
+def test_corrupt_cache_metadata_is_named_and_rebuilt(tmp_path, capsys):
+    from foodlib.data.cache import build_cache
+
+    paths = small_photos(tmp_path / "photos")
+    first = build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    meta = Path(first.file).with_suffix(".json")
+    meta.write_text('{"side": 16, "n": ')  # cut short
+    assert cli_main(["cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "corrupt" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=f"{meta}.*rebuilding it"):
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert json.loads(meta.read_text())["n"] == len(paths)
+
+
+def test_cache_checksums_are_verified_once_per_process(tmp_path, monkeypatch):
+    import foodlib.data.cache as cache_module
+    from foodlib.data.cache import build_cache
+
+    paths = small_photos(tmp_path / "photos")
+    build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    calls = []
+    real = cache_module.first_bad_block
+    monkeypatch.setattr(cache_module, "first_bad_block", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())
+    for _ in range(3):
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from foodlib.io import atomic_write_json, atomic_write_text, cache_home, lock_file, read_json_or_none, unlock_file
+from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
@@ -129,8 +130,14 @@ def build_cache(
     shape = (len(paths), side, side, 3)
 
     with _locked(folder / f"{key}.lock"):
-        if meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
-            meta = json.loads(meta_file.read_text())
+        reusable = meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape))
+        if reusable:
+            meta = read_json_or_none(meta_file)
+            problem = _damage(data_file, meta_file, meta)  # same size says nothing about the bytes
+            if problem is not None:
+                warnings.warn(f"decoded cache {data_file} {problem}; rebuilding it", stacklevel=2)
+                reusable = False
+        if reusable:
             try:
                 os.utime(meta_file)  # "last used", for `foodlib cache` and prune_caches(older_than_days=...)
             except OSError:
@@ -143,13 +150,44 @@ def build_cache(
 
         tmp_file = data_file.with_suffix(".u8.tmp")
         errors = _decode_into(tmp_file, paths, side, workers, progress)
+        blocks = block_checksums(tmp_file)  # read back from the page cache: what first use will compare
+        meta_file.unlink(missing_ok=True)  # never a new .u8 beside the old checksums (a kill between the two writes)
         os.replace(tmp_file, data_file)
         atomic_write_text(folder / f"{key}.paths", "".join(f"{p}\n" for p in paths))  # for `foodlib cache`
         atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION,
-                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      "blocks": blocks})
+        _VERIFIED.add(_identity(data_file))
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
         _mark_in_use(folder, key)
         return DecodedImages(paths, array, errors, str(data_file))
+
+
+_VERIFIED: set[tuple] = set()  # caches whose checksums this process has compared (first use only)
+
+
+def _identity(data_file: Path) -> tuple:
+    st = data_file.stat()
+    return str(data_file), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _damage(data_file: Path, meta_file: Path, meta) -> str | None:
+    """Why the cache in ``data_file`` cannot be trusted, or None; checksums compared once per process."""
+    if not isinstance(meta, dict):
+        return f"has unreadable metadata ({meta_file} is not a JSON object)"
+    identity = _identity(data_file)
+    if identity in _VERIFIED:
+        return None
+    try:
+        bad = first_bad_block(data_file, meta.get("blocks"))
+    except ValueError:
+        return "has no block checksums (built by an older foodlib), so it cannot be verified"
+    if bad is not None:
+        n = len(meta["blocks"]["sums"])
+        return (f"is corrupt: block {bad + 1} of {n} ({meta['blocks']['block_bytes'] // 2**20} MiB each) differs "
+                "from the checksum recorded when it was built")
+    _VERIFIED.add(identity)
+    return None
 
 
 def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool) -> dict[str, str]:
