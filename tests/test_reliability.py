@@ -698,3 +698,15 @@ def test_cache_checksums_are_verified_once_per_process(tmp_path, monkeypatch):
     for _ in range(3):
         build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
     assert len(calls) == 1
+
+
+# ----- small data ------------------------------------------------------------------------------------
+
+def test_val_with_one_image_per_class_finishes_the_run_with_metrics(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)  # 12 train images per class: val_fraction 0.1 leaves one each
+    result = fit(folder_config(tmp_path, data, features=True, val_fraction=0.1))
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["val"]["n"] == len(CLASSES)
+    assert metrics["val"]["silhouette"] is None  # undefined with one sample per class, and said so
+    assert isinstance(metrics["test"]["silhouette"], float)
