@@ -710,3 +710,39 @@ def test_val_with_one_image_per_class_finishes_the_run_with_metrics(tmp_path):
     assert metrics["val"]["n"] == len(CLASSES)
     assert metrics["val"]["silhouette"] is None  # undefined with one sample per class, and said so
     assert isinstance(metrics["test"]["silhouette"], float)
+
+
+# ----- folder layouts: sub-folders and symlink loops ------------------------------------------------
+
+def test_images_in_class_sub_folders_are_trained_on_as_data_check_counts_them(tmp_path, capsys):
+    from foodlib.data import load_data
+    from foodlib.data.scan import scan_dataset
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    for name in CLASSES:  # ImageFolder's meaning: any depth below the class folder
+        nested = data / "train" / name / "batch2" / "more"
+        nested.mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(data / "train" / name / f"{i}.jpg", nested / f"n{i}.jpg")
+    report = scan_dataset(data, progress=False, hash_duplicates=False)
+    loaded = load_data(folder_config(tmp_path, data, val_fraction=0.0), progress=False)
+    assert sum(report.counts["train"].values()) == 2 * (TRAIN_PER_CLASS + 3)
+    assert len(loaded.index.splits["train"]) == 2 * (TRAIN_PER_CLASS + 3)
+
+
+def test_symlink_loop_is_walked_once_and_reported(tmp_path, capsys):
+    from foodlib.data import load_data
+    from foodlib.data.scan import scan_dataset
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    (data / "train" / "apple" / "loop").symlink_to("..")  # ln -s .. "train/apple/loop"
+    report = scan_dataset(data, progress=False)
+    assert report.files_scanned == 2 * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    loops = report.by_kind("symlink_loop")
+    assert [p.path for p in loops] == ["train/apple/loop"] and "not followed" in loops[0].detail
+    assert not report.by_kind("duplicate")
+    with pytest.warns(UserWarning, match="loop.*not followed"):
+        loaded = load_data(folder_config(tmp_path, data, val_fraction=0.0), progress=False)
+    assert len(loaded.index.splits["train"]) == 2 * TRAIN_PER_CLASS
