@@ -746,3 +746,18 @@ def test_symlink_loop_is_walked_once_and_reported(tmp_path, capsys):
     with pytest.warns(UserWarning, match="loop.*not followed"):
         loaded = load_data(folder_config(tmp_path, data, val_fraction=0.0), progress=False)
     assert len(loaded.index.splits["train"]) == 2 * TRAIN_PER_CLASS
+
+
+def test_empty_train_class_stops_training_with_the_class_named(tmp_path, capsys):
+    from foodlib.data import EmptyClassError
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    (data / "train" / "cake").mkdir()
+    (data / "test" / "cake").mkdir()
+    with pytest.raises(EmptyClassError, match=r"\['cake'\].*no usable training image"):
+        fit(folder_config(tmp_path, data))
+    code = cli_main(["train", "--data", str(data), "--backbone", "smallcnn", "--image-size", "32", "--epochs", "1",
+                     "--out", str(tmp_path / "cli-run"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cake" in err
