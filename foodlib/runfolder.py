@@ -17,6 +17,27 @@ RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz
 RESULT_FOLDERS = ("figures",)
 
 
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and make sure files can be written into it.
+
+    Raises:
+        ConfigError: naming ``out``, the folder and the operating system's reason.
+    """
+    import tempfile
+
+    from foodlib.config import ConfigError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"out={str(run_dir)!r}: cannot write into {run_dir} ({error.strerror or type(error).__name__}); "
+            "choose a writable out folder (--out) or fix its permissions"
+        ) from None
+
+
 def run_results(run_dir: Path) -> list[str]:
     """Names of the result files and folders in ``run_dir`` (empty for a new or never-trained folder)."""
     return [name for name in (*RESULT_FILES, *RESULT_FOLDERS) if (run_dir / name).exists()]

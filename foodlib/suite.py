@@ -160,8 +160,9 @@ def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs") -> SuiteS
         raise SuiteError(f"suite {source}: unknown key(s) {unknown}; valid keys: {', '.join(SUITE_KEYS)}")
 
     name = str(raw.get("name") or (Path(source).stem if source != "<text>" else "suite"))
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise SuiteError(f"suite name {name!r} must use only letters, digits, '.', '_' and '-' (it names a folder)")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or set(name) == {"."}:  # ".." would write above out_dir
+        raise SuiteError(f"suite name {name!r} must use only letters, digits, '.', '_' and '-', and not only dots "
+                         "(it names a folder inside out_dir); set `name:` in the suite file")
     base = _mapping(raw.get("base"), f"{source}: base")
     _check_fields(base, f"{source}: base")
     losses = _as_list(raw.get("losses", [base.get("loss", "softmax")]), f"{source}: losses")

@@ -39,7 +39,7 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
                                  setup_distributed, wrap_ddp)
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
-from foodlib.runfolder import check_run_folder
+from foodlib.runfolder import check_run_folder, check_writable
 from foodlib.models import EmbeddingNet, create_model
 
 CHECKPOINT_FORMAT = 1
@@ -68,7 +68,10 @@ class RunResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
     return device
@@ -428,6 +431,8 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     run_dir = Path(cfg.train.out).expanduser()
+    if info.is_main:
+        check_writable(run_dir)  # a read-only or missing parent: one clear line, not a PermissionError deep inside
     # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
     with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
         return _fit(cfg, data, device, info, run_dir, t_start)

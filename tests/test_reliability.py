@@ -761,3 +761,91 @@ def test_empty_train_class_stops_training_with_the_class_named(tmp_path, capsys)
                      "--out", str(tmp_path / "cli-run"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cake" in err
+
+
+def test_file_deleted_mid_run_without_cache_is_skipped_and_listed(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    victim = (data / "train" / "bread" / "5.jpg").resolve()
+    real_transform = train_module.train_transform
+    calls = {"n": 0}
+
+    def delete_after_first_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            victim.unlink()  # someone cleans the dataset folder while the run is on
+        return real_transform(*args, **kwargs)
+
+    train_module.train_transform = delete_after_first_batch
+    try:
+        with pytest.warns(UserWarning, match="5.jpg.*skipped"):
+            result = fit(folder_config(tmp_path, data, cache=False, epochs=2, val_fraction=0.0))
+    finally:
+        train_module.train_transform = real_transform
+    assert (result.run_dir / "metrics.json").is_file()
+    listed = read_bad_files(result.run_dir)
+    assert str(victim) in listed and "during training" in listed[str(victim)]
+
+
+# ----- one line naming the file, the value and the fix, for each bad input ---------------------------
+
+@pytest.mark.parametrize("name, text, words", [
+    ("list.yaml", "- lr\n- 0.1\n", "not a mapping"),
+    ("notes.txt", "shopping list: flour\nand yeast\n", "not valid YAML"),
+    ("plain.txt", "just some words", "not a mapping"),
+    ("tag.yaml", "lr: !!python/object:os.system x\n", "not valid YAML"),
+    ("scan.yaml", "lr: [0.1\n", "not valid YAML at line 2"),
+])
+def test_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path, capsys, name, text, words):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words) as error:
+        Config.from_yaml(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    code = cli_main(["train", "--config", str(path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--device", "tpu"], "device='tpu'"),
+    (["--lr", "inf"], "lr=inf must be a finite number"),
+    (["--lam", "inf", "--loss", "center"], "lam=inf must be a finite number"),
+    (["--pretrained", "/etc/passwd"], "pretrained='/etc/passwd' is not a weights file"),
+])
+def test_bad_values_get_one_line_naming_the_value(tmp_path, capsys, argv, words):
+    code = cli_main(["train", "--data", "dishes", "--dishes-classes", "2", "--dishes-per-class", "4",
+                     "--backbone", "smallcnn", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+                     "--quiet", "--no-features", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_read_only_out_folder_is_named(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # what a read-only folder gives a non-root user
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ConfigError, match=r"out='.*run'.*cannot write into .*Permission denied.*writable"):
+        fit(tiny_config(tmp_path, epochs=1))
+
+
+def test_suite_named_dot_dot_cannot_write_above_its_runs_folder(tmp_path):
+    from foodlib.suite import SuiteError, load_suite
+
+    with pytest.raises(SuiteError, match="'..'.*only dots"):
+        load_suite("name: ..\nbase: {epochs: 1}\nlosses: [softmax]\n", tmp_path / "runs")
+
+
+def test_data_check_counts_a_decompression_bomb_as_unusable(tmp_path, monkeypatch):
+    from foodlib.data.scan import scan_dataset
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48x48 = 2304 px > 2 x 1000: a "bomb"
+    report = scan_dataset(data, progress=False, hash_duplicates=False)
+    assert report.by_kind("huge") and len(report.bad_files) == len(report.by_kind("huge"))
+    assert f"{len(report.bad_files)} files cannot be used" in report.to_text()

@@ -129,6 +129,8 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
     for name, split in index.splits.items():
         split_rows = np.asarray([rows[p] for p in split.paths], dtype=np.int64)
         sources[name] = ImageSource(split.paths, side, decoded, split_rows if decoded is not None else None)
+        if run_dir is not None and decoded is None:
+            sources[name].skip_log = str(Path(run_dir) / "bad_files.txt")  # files that vanish mid-run
     return Data(index, side, sources, errors)
 
 

@@ -262,6 +262,9 @@ class ImageSource:
         state["_array"] = None
         return state
 
+    #: where files that became unreadable during the run are appended (path<TAB>reason), if set
+    skip_log: str | None = None
+
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         if self._shape is None:  # uncached: the same decode path the cache uses
             return np.stack([load_image_array(self.paths[i], self.side) for i in indices])
@@ -269,14 +272,38 @@ class ImageSource:
             self._array = np.memmap(self._file, dtype=np.uint8, mode="r", shape=self._shape)
         return self._array[self._rows[np.asarray(indices)]]  # (B, S, S, 3), a copy
 
+    def get_batch_skipping(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (B', S, S, 3), kept positions (B',))``: without the cache, a file deleted or damaged
+        since the run started is skipped with a warning (and listed in ``skip_log``), not fatal."""
+        if self._shape is not None:
+            return self.get_batch(indices), np.arange(len(indices))
+        images, kept = [], []
+        for position, i in enumerate(indices):
+            try:
+                images.append(load_image_array(self.paths[i], self.side))
+                kept.append(position)
+            except (OSError, ImageDecodeError) as error:  # deleted, unreadable, or rewritten badly mid-run
+                reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error.strerror or error}" \
+                    if isinstance(error, OSError) else str(error)
+                self._record_skip(self.paths[i], reason)
+        empty = np.zeros((0, self.side, self.side, 3), np.uint8)
+        return (np.stack(images) if images else empty), np.asarray(kept, dtype=np.int64)
+
+    def _record_skip(self, path: str, reason: str) -> None:
+        warnings.warn(f"{path}: {reason}; skipped (it changed or vanished since the run started)", stacklevel=3)
+        if self.skip_log:
+            with open(self.skip_log, "a") as log:  # one short line per append: whole lines, even from workers
+                log.write(f"{path}\tduring training: {reason}\n")
+
 
 class _Batches(torch.utils.data.Dataset):
     def __init__(self, source: ImageSource, labels: np.ndarray):
         self.source, self.labels = source, labels
 
     def __getitem__(self, indices):
-        images = torch.from_numpy(np.ascontiguousarray(self.source.get_batch(indices)))
-        return images, torch.from_numpy(self.labels[indices])
+        array, kept = self.source.get_batch_skipping(indices)
+        images = torch.from_numpy(np.ascontiguousarray(array))
+        return images, torch.from_numpy(self.labels[indices][kept])
 
     def __len__(self):
         return len(self.labels)

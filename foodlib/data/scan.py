@@ -197,7 +197,8 @@ class ScanReport:
         return "\n".join(lines)
 
 
-_FILE_ERROR_KINDS = {"zero_byte", "not_image", "truncated", "corrupt", "unreadable"}
+_FILE_ERROR_KINDS = {"zero_byte", "not_image", "truncated", "corrupt", "unreadable",
+                     "huge"}  # "huge" only at error severity (a decompression bomb): training skips those too
 
 
 @dataclass(frozen=True)
