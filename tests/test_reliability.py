@@ -849,3 +849,52 @@ def test_data_check_counts_a_decompression_bomb_as_unusable(tmp_path, monkeypatc
     report = scan_dataset(data, progress=False, hash_duplicates=False)
     assert report.by_kind("huge") and len(report.bad_files) == len(report.by_kind("huge"))
     assert f"{len(report.bad_files)} files cannot be used" in report.to_text()
+
+
+# ----- a full disk: one line naming the disk and the space needed ------------------------------------
+
+def test_full_disk_during_cache_build_is_named_instead_of_a_sigbus(tmp_path, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    import foodlib.io as io_module
+    from foodlib.data.cache import build_cache
+    from foodlib.io import NoSpaceError
+
+    paths = small_photos(tmp_path / "photos")
+
+    def no_blocks(fd, offset, length):  # the disk fills between the free-space check and the write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_blocks)
+    with pytest.raises(NoSpaceError, match=r"no space left on /.* for the decoded image cache.*need 1 MB in") as error:
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert "\n" not in str(error.value) and "cache_dir" in str(error.value)
+    assert not list((tmp_path / "cache" / "decoded").glob("*.u8*"))  # nothing half-built left behind
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(NoSpaceError, match="1 MB in .*0 MB free"):
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_full_disk_during_checkpoint_save_keeps_the_old_one_and_names_the_disk(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import foodlib.io as io_module
+    from foodlib.io import NoSpaceError
+
+    path = tmp_path / "last.pt"
+    atomic_torch_save(path, {"w": torch.ones(4)})
+    before = path.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    free = iter([10**9, 0])  # room at the check, none by the time torch writes
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda p: usage(10**9, 10**9, next(free)))
+
+    def zip_writer_fails(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    with pytest.raises(NoSpaceError, match=r"no space left on /.* for the checkpoint last.pt \(the previous one is kept\)"):
+        atomic_torch_save(path, {"w": torch.ones(2**20)})
+    assert path.read_bytes() == before

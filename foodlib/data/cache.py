@@ -11,6 +11,7 @@ stored side S and the decode version, so any change rebuilds it: a stale cache i
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -26,7 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from foodlib.io import atomic_write_json, atomic_write_text, cache_home, lock_file, read_json_or_none, unlock_file
+from foodlib.io import (atomic_write_json, atomic_write_text, cache_home, check_free_space, lock_file, no_space_error,
+                        read_json_or_none, unlock_file)
 from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
 
@@ -190,11 +192,35 @@ def _damage(data_file: Path, meta_file: Path, meta) -> str | None:
     return None
 
 
+def _preallocate(file: Path, size: int) -> None:
+    """Reserve the cache file's blocks before writing through a memory map.
+
+    A memory-mapped write to a sparse file on a full disk kills the process with SIGBUS (exit 135,
+    no message); with the blocks reserved first, a full disk is an ENOSPC here, named in one line.
+    """
+    need, what = size + 2**20, "the decoded image cache (or set cache_dir to another disk, or cache=False)"
+    check_free_space(file.parent, need, what)
+    with open(file, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size) if size else None
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                f.close()
+                file.unlink(missing_ok=True)
+                raise no_space_error(file.parent, need, what) from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            f.truncate(size)  # a file system without fallocate: sparse, as before
+        except AttributeError:  # no posix_fallocate (macOS, Windows)
+            f.truncate(size)
+
+
 def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool) -> dict[str, str]:
     """Decode ``paths`` into a new memory-mapped ``file`` (N, side, side, 3), in threads; unreadable files -> errors."""
     from tqdm.auto import tqdm
 
-    out = np.memmap(file, dtype=np.uint8, mode="w+", shape=(len(paths), side, side, 3))
+    _preallocate(file, len(paths) * side * side * 3)
+    out = np.memmap(file, dtype=np.uint8, mode="r+", shape=(len(paths), side, side, 3))
     errors: dict[str, str] = {}
 
     def decode(i: int) -> None:
