@@ -39,8 +39,8 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
                                  setup_distributed, wrap_ddp)
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
-from foodlib.runfolder import check_run_folder, check_writable
 from foodlib.models import EmbeddingNet, create_model
+from foodlib.runfolder import check_run_folder, check_writable
 
 CHECKPOINT_FORMAT = 1
 
