@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads of torch (None: torch's default, one per core; 1 wins on a busy machine)
     out: str = "runs/default"  # run folder
     resume: bool = False  # continue the run in `out` from last.pt
+    overwrite: bool = False  # allow training over a finished run in `out` (its results are replaced)
     quiet: bool = False  # no progress bars (batch runs)
     eval_test: bool = True  # evaluate the test split from the best checkpoint at the end
     features: bool = True  # extract embeddings + logits for every split into features.npz
@@ -158,12 +160,30 @@ class Config:
     def from_yaml(cls, text_or_path: str | Path) -> "Config":
         """Load from a YAML file path or a YAML string."""
         text = str(text_or_path)
-        if "\n" not in text and Path(text).suffix in {".yaml", ".yml"}:
+        source = "the config text"
+        if "\n" not in text and (Path(text).suffix in {".yaml", ".yml"} or isinstance(text_or_path, Path)
+                                 or _is_file(text)):
             path = Path(text)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            text = path.read_text()
-        return cls.from_dict(yaml.safe_load(text) or {})
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"config file {path} cannot be read as text ({type(error).__name__}); "
+                                  "pass a YAML file such as a run's config.yaml") from None
+            source = f"config file {path}"
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ConfigError(f"{source} is not valid YAML{where}: {problem}; fix the YAML "
+                              "(a mapping such as `lr: 0.001`)") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{source} holds a YAML {type(data).__name__}, not a mapping of field names to "
+                              "values; write it as `field: value` lines (e.g. `lr: 0.001`)")
+        return cls.from_dict(data or {})
 
     # ----- validation ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -176,6 +196,8 @@ class Config:
             value = self.get(name)
             if value is None:
                 continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number (in [{low}, {high}))")
             if not (low <= value <= high):
                 raise ConfigError(f"{name}={value!r} is out of range; it must lie in [{low}, {high}]")
         if self.loss.loss in ("center", "island") and self.loss.alpha is not None and not 0 < self.loss.alpha <= 1:
@@ -243,6 +265,13 @@ _RANGES = [  # (field, low, high), inclusive
     ("workers", 0, 256),
     ("threads", 1, 1024),
 ]
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a long line of YAML is no file name
+        return False
 
 
 def _section_types() -> dict[str, type]:

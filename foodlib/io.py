@@ -90,6 +90,50 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return stale
 
 
+class NoSpaceError(OSError):
+    """The disk holding a file foodlib must write is (nearly) full; the message names it and the need."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the one line, without OSError's "[Errno 28] " prefix
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point (file system) ``path`` lives on: what "no space left on ..." names."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
+
+
+def check_free_space(folder: str | Path, need_bytes: int, what: str) -> None:
+    """Raise :class:`NoSpaceError` unless ``folder``'s disk has ``need_bytes`` free (checked before writing)."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise no_space_error(folder, need_bytes, what, free)
+
+
+def no_space_error(folder: str | Path, need_bytes: int, what: str, free: int | None = None) -> NoSpaceError:
+    """The one-line ENOSPC error: which disk, how much is needed and free, and what to do."""
+    import errno
+
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if free is None else free
+    return NoSpaceError(
+        errno.ENOSPC,
+        f"no space left on {mount_point(probe)} for {what}: need {need_bytes / 1e6:.0f} MB in {folder}, "
+        f"{free / 1e6:.0f} MB free; free some space or write to another disk"
+    )
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
@@ -99,9 +143,32 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    """``torch.save`` through :func:`atomic_write`; a full disk keeps the old file and says so in one line."""
     import torch  # local: io stays importable without torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    path = Path(path)
+    need = _tensor_bytes(obj) + 2**20  # tensors dominate; 1 MB for the rest of the pickle and the zip index
+    check_free_space(path.parent, need, f"the checkpoint {path.name}")
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as error:
+        # torch's zip writer turns ENOSPC into "RuntimeError: unexpected pos ..."; the disk tells the truth
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            raise no_space_error(path.parent, need, f"the checkpoint {path.name} (the previous one is kept)",
+                                 free) from error
+        raise
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside nested dicts / lists / tuples (what a checkpoint's size is made of)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 # ----- generated folders: written aside, then swapped in -------------------------------------------

@@ -342,7 +342,7 @@ def nmi(emb, labels, seed: int = 0, n_init: int = KMEANS_N_INIT) -> float:
 
 
 def feature_metrics(train_emb, train_labels, emb, labels, knn_k: int = 1, seed: int = 0,
-                    knn_max_queries: int | None = KNN_MAX_QUERIES) -> dict[str, float]:
+                    knn_max_queries: int | None = KNN_MAX_QUERIES) -> dict[str, float | None]:
     """All feature-space numbers for one split, as stored in ``metrics.json``.
 
     Keys: ``intra_class_variance``, ``inter_class_distance`` (mean distance between class means),
@@ -350,6 +350,7 @@ def feature_metrics(train_emb, train_labels, emb, labels, knn_k: int = 1, seed: 
     are the gallery, this split's are the queries; when this split *is* the train split, i.e. the
     arrays are equal, leave-one-out so a sample cannot find itself; at most ``knn_max_queries``
     queries, see :func:`knn_accuracy`) and ``nmi``. Silhouette, kNN subset and k-means use ``seed``.
+    ``silhouette`` is None when every class has a single sample (it is undefined there).
 
     >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [9.0, 9.0], [9.0, 8.0]]); y = np.array([0, 0, 1, 1])
     >>> sorted(feature_metrics(x, y, x, y))  # doctest: +NORMALIZE_WHITESPACE
@@ -366,7 +367,8 @@ def feature_metrics(train_emb, train_labels, emb, labels, knn_k: int = 1, seed: 
         "inter_class_distance": distances["mean"],
         "inter_class_distance_min": distances["min"],
         "fisher_ratio": fisher_ratio(emb, labels),
-        "silhouette": silhouette(emb, labels, seed=seed),
+        # undefined when every class has one sample (a small val split): None, not a crash after training
+        "silhouette": silhouette(emb, labels, seed=seed) if len(np.unique(labels)) < len(labels) else None,
         "knn_top1": knn_accuracy(train_emb, train_labels, None if is_train_split else emb,
                                  None if is_train_split else labels, k=knn_k, max_queries=knn_max_queries,
                                  seed=seed),

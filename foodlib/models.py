@@ -78,7 +78,17 @@ def _load_local_weights(net: nn.Module, path: str | Path, arch: str, ignore_pref
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"pretrained={str(path)!r}: no such weights file for {arch}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a text file, a truncated download, a pickle with code in it
+        message = next((line for line in str(error).splitlines() if line.strip()), "")
+        raise ValueError(
+            f"pretrained={str(path)!r} is not a weights file torch can read ({type(error).__name__}: {message[:120]}); "
+            f"pass a state dict of {arch} saved with torch.save(model.state_dict(), PATH)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained={str(path)!r} holds a {type(state).__name__}, not a state dict; "
+                         f"pass a state dict of {arch} saved with torch.save(model.state_dict(), PATH)")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 
 from foodlib import metrics as M
 from foodlib import plots as P
+from foodlib.runfolder import is_retired
 
 #: test-split metrics of the summary table, in column order, with their labels.
 TABLE_METRICS = {"top1": "top-1", "top5": "top-5", "fisher_ratio": "Fisher ratio", "silhouette": "silhouette",
@@ -69,6 +70,8 @@ def collect_runs(suite_dir: str | Path, split: str = "test") -> list[dict[str, A
     rows = []
     for metrics_path in sorted(suite_dir.glob("*/metrics.json")):
         run_dir = metrics_path.parent
+        if is_retired(run_dir.name):  # an outdated run a suite moved aside (RUN.old-<time>)
+            continue
         metrics = json.loads(metrics_path.read_text())
         entry = planned.get(run_dir.name) or _identify_run(run_dir)
         row = {"run": run_dir.name, "variant": entry["variant"], "loss": entry["loss"], "seed": int(entry["seed"]),

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,10 +50,12 @@ import yaml
 from foodlib.cli import command
 from foodlib.config import Config, ConfigError
 from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
+from foodlib.runfolder import retire_run_folder
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
 #: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
-RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads"})
+RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads", "overwrite",
+                            "figures"})  # figures: drawn after training, from the same numbers
 #: Fields a suite sets itself; ``base`` / ``grid`` may not set them.
 SUITE_FIELDS = frozenset({"loss", "seed", "out", "resume"})
 GRID_KEYS = frozenset({"name", "losses"})  # grid-entry keys that are not Config fields
@@ -159,8 +160,9 @@ def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs") -> SuiteS
         raise SuiteError(f"suite {source}: unknown key(s) {unknown}; valid keys: {', '.join(SUITE_KEYS)}")
 
     name = str(raw.get("name") or (Path(source).stem if source != "<text>" else "suite"))
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise SuiteError(f"suite name {name!r} must use only letters, digits, '.', '_' and '-' (it names a folder)")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or set(name) == {"."}:  # ".." would write above out_dir
+        raise SuiteError(f"suite name {name!r} must use only letters, digits, '.', '_' and '-', and not only dots "
+                         "(it names a folder inside out_dir); set `name:` in the suite file")
     base = _mapping(raw.get("base"), f"{source}: base")
     _check_fields(base, f"{source}: base")
     losses = _as_list(raw.get("losses", [base.get("loss", "softmax")]), f"{source}: losses")
@@ -385,10 +387,10 @@ def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, 
         return RunOutcome(run.name, "skipped", notebook=notebook_out, test_top1=_test_top1(run.run_dir),
                           detail=state)
     if state == "stale" and run.run_dir.exists():
-        log(f"{prefix} {run.name}: the recorded config differs from the suite's; rerunning from scratch")
         try:
-            with folder_lock(run.run_dir, "a suite clearing an outdated run"):  # not under a live fit()
-                shutil.rmtree(run.run_dir)
+            retired = retire_run_folder(run.run_dir)  # moved aside, never deleted: nothing computed is lost
+            log(f"{prefix} {run.name}: the recorded config differs from the suite's; moved the old run to "
+                f"{retired} and rerunning from scratch")
         except FolderBusyError as error:
             log(f"{prefix} {run.name}: FAILED before start: {error}")
             return RunOutcome(run.name, "failed", error=str(error), detail=state)

@@ -17,7 +17,9 @@ import csv
 import io
 import math
 import os
+import pickle
 import platform
+import re
 import subprocess
 import shutil
 import time
@@ -40,6 +42,7 @@ from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, 
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
 from foodlib.precision import describe_device_and_precision
+from foodlib.runfolder import check_run_folder, check_writable
 
 CHECKPOINT_FORMAT = 1
 
@@ -67,7 +70,10 @@ class RunResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
     return device
@@ -259,7 +265,7 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
 #: ``epochs`` may only grow (the lr schedule then stretches from the resumed step on).
 RESUME_FREE_FIELDS = frozenset({
     "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
-    "eval_test", "features", "figures", "threads",
+    "eval_test", "features", "figures", "threads", "overwrite",
 })
 
 #: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
@@ -308,16 +314,34 @@ def read_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
     return ckpt
 
 
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message: user-facing errors stay on one line."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a foodlib checkpoint, with a clear error for a missing, truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain values only. A run folder may come from someone else, and a
+        # full unpickle would run whatever code an object in it names (its __reduce__).
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused is None:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {_first_line(error)}); "
+                "delete it and resume from the other checkpoint (last.pt / best.pt) or retrain"
+            ) from error
+        raise CheckpointError(
+            f"checkpoint {path} holds a Python object ({refused.group(1)}), not only tensors and plain values; "
+            "foodlib refuses to load it because unpickling it could run code. Retrain, or get the run from its author"
+        ) from error
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {_first_line(error)}); "
             "delete it and resume from the other checkpoint (last.pt / best.pt) or retrain"
         ) from error
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -411,6 +435,8 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
     run_dir = Path(cfg.train.out).expanduser()
     new_folder = info.is_main and not run_dir.exists()
     try:
+        if info.is_main:
+            check_writable(run_dir)  # a read-only or missing parent: one clear line, not a PermissionError deep inside
         # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
         with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
             return _fit(cfg, data, device, info, run_dir, t_start)
@@ -437,18 +463,15 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
 
     # -- run folder --------------------------------------------------------------------------
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if last_path.exists() and not cfg.train.resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a run (last.pt). Pass resume=True (--resume) to continue it, "
-            "or choose another out folder."
-        )
+    if main:
+        check_run_folder(run_dir, cfg, log)  # a finished run is replaced only with overwrite=True
     # Read and check last.pt before anything in the folder is rewritten: a refused resume must
     # leave the run's config.yaml and run.json as they were.
     resume_ckpt = read_resume_checkpoint(last_path, cfg) if cfg.train.resume and last_path.exists() else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir)  # half-written files of a killed run; the real ones are intact
-        cfg.to_yaml(run_dir / "config.yaml")
+        cfg.with_overrides(overwrite=False).to_yaml(run_dir / "config.yaml")  # never carried on to a rerun
         atomic_write_json(run_dir / "run.json", run_info(cfg, device, info))
 
     # -- data, model, loss, optimizers --------------------------------------------------------

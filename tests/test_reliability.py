@@ -495,3 +495,406 @@ def test_a_diverging_lr_is_caught_as_a_non_finite_loss(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at epoch 1, step \d+"):
         fit(tiny_config(tmp_path, optimizer="sgd", lr=1e12, momentum=0.0, schedule="constant", epochs=1,
                         features=False))
+
+
+# ----- untrusted run folders: loading never runs code from them ------------------------------------
+
+class _WritesAMarker:
+    """Unpickling this calls ``os.system("touch MARKER")``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def plant_payload(run: Path, marker: Path) -> None:
+    """Add the payload object to best.pt and last.pt, keeping every real key (a checkpoint that works)."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["note"] = _WritesAMarker(marker)
+        torch.save(ckpt, run / name)
+
+
+def test_checkpoint_with_code_in_it_never_runs_it(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "payload-ran"
+    plant_payload(run, marker)
+    image = tmp_path / "query.jpg"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
+
+    for load in (lambda: load_run(run), lambda: load_checkpoint(run / "last.pt"),
+                 lambda: fit(tiny_config(tmp_path, epochs=2, resume=True, features=False))):
+        with pytest.raises(CheckpointError, match="refuses to load it") as error:
+            load()
+        assert "posix.system" in str(error.value) or "os.system" in str(error.value)
+        assert "\n" not in str(error.value)
+    for argv in (["predict", str(run), str(image)], ["embed", str(run), str(image), "--out", str(tmp_path / "e.npz")],
+                 ["export", str(run), "--out", str(tmp_path / "m.pt")],
+                 ["train", "--config", str(run / "config.yaml"), "--out", str(run), "--epochs", "2", "--resume"]):
+        code = cli_main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert len(err.strip().splitlines()) == 1 and "refuses to load it" in err, (argv, err)
+    assert not marker.exists(), "the checkpoint's payload ran"
+
+
+def test_every_checkpoint_foodlib_writes_loads_as_weights_only(finished_run):
+    """best.pt and last.pt hold only tensors and plain values (the resume test covers every optimizer)."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(finished_run / name, weights_only=True)
+        assert {"model", "loss", "config", "classes"} <= set(ckpt)
+
+
+# ----- a finished run is never overwritten without --overwrite ------------------------------------
+
+def fingerprint(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in ("best.pt", "metrics.json", "trace.csv")}
+
+
+def test_finished_run_without_last_pt_is_not_overwritten(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    (run / "last.pt").unlink()  # to save disk, or as the corrupt-checkpoint message suggests
+    before = fingerprint(run)
+    with pytest.raises(FileExistsError, match="--overwrite") as error:
+        fit(tiny_config(tmp_path, epochs=1, features=False))
+    assert "best.pt" in str(error.value) and "metrics.json" in str(error.value)
+    code = cli_main(["train", "--config", str(run / "config.yaml"), "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--overwrite" in err
+    assert fingerprint(run) == before
+
+
+def test_resume_without_last_pt_does_not_silently_start_over(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    (run / "last.pt").unlink()
+    before = fingerprint(run)
+    with pytest.raises(ConfigError, match="lr=0.1"):  # a different config: named, whatever is in the folder
+        fit(tiny_config(tmp_path, epochs=1, features=False, resume=True, lr=0.1))
+    with pytest.raises(FileExistsError, match="no last.pt"):  # same config, but results there: not resumable
+        fit(tiny_config(tmp_path, epochs=1, features=False, resume=True))
+    assert fingerprint(run) == before
+
+
+def test_resume_of_a_run_killed_before_its_first_epoch_checks_the_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_config(tmp_path, epochs=1).to_yaml(run / "config.yaml")  # what fit() writes before epoch 1
+    with pytest.raises(ConfigError, match="lr=0.1"):
+        fit(tiny_config(tmp_path, epochs=1, features=False, resume=True, lr=0.1))
+    fit(tiny_config(tmp_path, epochs=1, features=False, resume=True))
+    assert "starting from epoch 1" in capsys.readouterr().out
+    assert (run / "metrics.json").is_file()
+
+
+def test_overwrite_flag_replaces_a_finished_run_and_is_not_recorded(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    (run / "figures").mkdir(exist_ok=True)
+    (run / "figures" / "old.png").write_bytes(b"old figure")
+    fit(tiny_config(tmp_path, epochs=1, features=False, seed=3, overwrite=True))
+    assert not (run / "figures" / "old.png").exists()
+    assert Config.from_yaml(run / "config.yaml").train.seed == 3
+    assert Config.from_yaml(run / "config.yaml").train.overwrite is False  # a rerun from config.yaml asks again
+
+
+# ----- a suite never deletes a run folder ------------------------------------------------------------
+
+def test_suite_moves_an_outdated_run_aside_instead_of_deleting_it(tmp_path, monkeypatch):
+    import foodlib.suite as S
+    from foodlib.report import collect_runs
+    from test_suite import TINY_BASE, FakePapermill, suite_text
+
+    monkeypatch.setattr(S, "execute_notebook", FakePapermill())
+    S.run_suite(S.load_suite(suite_text(), tmp_path), log=lambda line: None)
+    (tmp_path / "tiny" / "softmax-s0" / "best.pt").write_bytes(b"the finished run's weights")
+    lines = []
+    S.run_suite(S.load_suite(suite_text(base={**TINY_BASE, "epochs": 2}), tmp_path), log=lines.append)
+    retired = sorted((tmp_path / "tiny").glob("softmax-s0.old-*"))
+    assert len(retired) == 1 and (retired[0] / "best.pt").read_bytes() == b"the finished run's weights"
+    assert any(str(retired[0]) in line and "moved" in line for line in lines), lines
+    assert not (retired[0] / LOCK_NAME).exists()
+    assert sorted(row["run"] for row in collect_runs(tmp_path / "tiny")) == ["center-s0", "softmax-s0"]
+
+
+@pytest.mark.parametrize("field, value", [("figures", True), ("quiet", False), ("workers", 2), ("threads", 1),
+                                          ("device", "cpu"), ("overwrite", True), ("cache_dir", "/elsewhere")])
+def test_suite_fields_that_change_no_result_do_not_make_a_run_outdated(tmp_path, field, value):
+    import foodlib.suite as S
+    from test_suite import suite_text
+
+    run = S.plan_suite(S.load_suite(suite_text(), tmp_path))[0]
+    run.run_dir.mkdir(parents=True)
+    run.config.to_yaml(run.run_dir / "config.yaml")
+    (run.run_dir / "metrics.json").write_text("{}")
+    assert S.run_state(run) == "complete"
+    run.config = run.config.with_overrides(**{field: value})
+    assert S.run_state(run) == "complete"
+
+
+# ----- a damaged decoded cache is found, reported and rebuilt --------------------------------------
+
+def small_photos(folder: Path, n: int = 6) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
+
+
+def damage_keeping_size_and_mtime(path: Path) -> None:
+    st = path.stat()
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, st.st_size, dtype=np.uint8).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_same_size_corruption_of_the_decoded_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, capsys):
+    import foodlib.data.cache as cache_module
+    from foodlib.data.cache import build_cache
+
+    paths = small_photos(tmp_path / "photos")
+    first = build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    expected = np.array(first.array)
+    damage_keeping_size_and_mtime(Path(first.file))
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())  # a new process: first use since the damage
+
+    assert cli_main(["cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    listing = capsys.readouterr().out
+    assert "corrupt" in listing and "current" not in listing.split("state", 1)[1]
+
+    with pytest.warns(UserWarning, match=r"is corrupt: block 1 of 1 .*rebuilding it") as warned:
+        again = build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert first.file in str(warned[0].message)
+    assert np.array_equal(np.asarray(again.array), expected)
+    assert cli_main(["cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "current" in capsys.readouterr().out
+
+
+def test_corrupt_cache_metadata_is_named_and_rebuilt(tmp_path, capsys):
+    from foodlib.data.cache import build_cache
+
+    paths = small_photos(tmp_path / "photos")
+    first = build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    meta = Path(first.file).with_suffix(".json")
+    meta.write_text('{"side": 16, "n": ')  # cut short
+    assert cli_main(["cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "corrupt" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=f"{meta}.*rebuilding it"):
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert json.loads(meta.read_text())["n"] == len(paths)
+
+
+def test_cache_checksums_are_verified_once_per_process(tmp_path, monkeypatch):
+    import foodlib.data.cache as cache_module
+    from foodlib.data.cache import build_cache
+
+    paths = small_photos(tmp_path / "photos")
+    build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    calls = []
+    real = cache_module.first_bad_block
+    monkeypatch.setattr(cache_module, "first_bad_block", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())
+    for _ in range(3):
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1
+
+
+# ----- small data ------------------------------------------------------------------------------------
+
+def test_val_with_one_image_per_class_finishes_the_run_with_metrics(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)  # 12 train images per class: val_fraction 0.1 leaves one each
+    result = fit(folder_config(tmp_path, data, features=True, val_fraction=0.1))
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["val"]["n"] == len(CLASSES)
+    assert metrics["val"]["silhouette"] is None  # undefined with one sample per class, and said so
+    assert isinstance(metrics["test"]["silhouette"], float)
+
+
+# ----- folder layouts: sub-folders and symlink loops ------------------------------------------------
+
+def test_images_in_class_sub_folders_are_trained_on_as_data_check_counts_them(tmp_path, capsys):
+    from foodlib.data import load_data
+    from foodlib.data.scan import scan_dataset
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    for name in CLASSES:  # ImageFolder's meaning: any depth below the class folder
+        nested = data / "train" / name / "batch2" / "more"
+        nested.mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(data / "train" / name / f"{i}.jpg", nested / f"n{i}.jpg")
+    report = scan_dataset(data, progress=False, hash_duplicates=False)
+    loaded = load_data(folder_config(tmp_path, data, val_fraction=0.0), progress=False)
+    assert sum(report.counts["train"].values()) == 2 * (TRAIN_PER_CLASS + 3)
+    assert len(loaded.index.splits["train"]) == 2 * (TRAIN_PER_CLASS + 3)
+
+
+def test_symlink_loop_is_walked_once_and_reported(tmp_path, capsys):
+    from foodlib.data import load_data
+    from foodlib.data.scan import scan_dataset
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    (data / "train" / "apple" / "loop").symlink_to("..")  # ln -s .. "train/apple/loop"
+    report = scan_dataset(data, progress=False)
+    assert report.files_scanned == 2 * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    loops = report.by_kind("symlink_loop")
+    assert [p.path for p in loops] == ["train/apple/loop"] and "not followed" in loops[0].detail
+    assert not report.by_kind("duplicate")
+    with pytest.warns(UserWarning, match="loop.*not followed"):
+        loaded = load_data(folder_config(tmp_path, data, val_fraction=0.0), progress=False)
+    assert len(loaded.index.splits["train"]) == 2 * TRAIN_PER_CLASS
+
+
+def test_empty_train_class_stops_training_with_the_class_named(tmp_path, capsys):
+    from foodlib.data import EmptyClassError
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    (data / "train" / "cake").mkdir()
+    (data / "test" / "cake").mkdir()
+    with pytest.raises(EmptyClassError, match=r"\['cake'\].*no usable training image"):
+        fit(folder_config(tmp_path, data))
+    code = cli_main(["train", "--data", str(data), "--backbone", "smallcnn", "--image-size", "32", "--epochs", "1",
+                     "--out", str(tmp_path / "cli-run"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cake" in err
+
+
+def test_file_deleted_mid_run_without_cache_is_skipped_and_listed(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    victim = (data / "train" / "bread" / "5.jpg").resolve()
+    real_transform = train_module.train_transform
+    calls = {"n": 0}
+
+    def delete_after_first_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            victim.unlink()  # someone cleans the dataset folder while the run is on
+        return real_transform(*args, **kwargs)
+
+    train_module.train_transform = delete_after_first_batch
+    try:
+        with pytest.warns(UserWarning, match="5.jpg.*skipped"):
+            result = fit(folder_config(tmp_path, data, cache=False, epochs=2, val_fraction=0.0))
+    finally:
+        train_module.train_transform = real_transform
+    assert (result.run_dir / "metrics.json").is_file()
+    listed = read_bad_files(result.run_dir)
+    assert str(victim) in listed and "during training" in listed[str(victim)]
+
+
+# ----- one line naming the file, the value and the fix, for each bad input ---------------------------
+
+@pytest.mark.parametrize("name, text, words", [
+    ("list.yaml", "- lr\n- 0.1\n", "not a mapping"),
+    ("notes.txt", "shopping list: flour\nand yeast\n", "not valid YAML"),
+    ("plain.txt", "just some words", "not a mapping"),
+    ("tag.yaml", "lr: !!python/object:os.system x\n", "not valid YAML"),
+    ("scan.yaml", "lr: [0.1\n", "not valid YAML at line 2"),
+])
+def test_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path, capsys, name, text, words):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words) as error:
+        Config.from_yaml(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    code = cli_main(["train", "--config", str(path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--device", "tpu"], "device='tpu'"),
+    (["--lr", "inf"], "lr=inf must be a finite number"),
+    (["--lam", "inf", "--loss", "center"], "lam=inf must be a finite number"),
+    (["--pretrained", "/etc/passwd"], "pretrained='/etc/passwd' is not a weights file"),
+])
+def test_bad_values_get_one_line_naming_the_value(tmp_path, capsys, argv, words):
+    code = cli_main(["train", "--data", "dishes", "--dishes-classes", "2", "--dishes-per-class", "4",
+                     "--backbone", "smallcnn", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+                     "--quiet", "--no-features", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_read_only_out_folder_is_named(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # what a read-only folder gives a non-root user
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ConfigError, match=r"out='.*run'.*cannot write into .*Permission denied.*writable"):
+        fit(tiny_config(tmp_path, epochs=1))
+
+
+def test_suite_named_dot_dot_cannot_write_above_its_runs_folder(tmp_path):
+    from foodlib.suite import SuiteError, load_suite
+
+    with pytest.raises(SuiteError, match="'..'.*only dots"):
+        load_suite("name: ..\nbase: {epochs: 1}\nlosses: [softmax]\n", tmp_path / "runs")
+
+
+def test_data_check_counts_a_decompression_bomb_as_unusable(tmp_path, monkeypatch):
+    from foodlib.data.scan import scan_dataset
+
+    data = tmp_path / "data"
+    make_image_folder(data, bad_files=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48x48 = 2304 px > 2 x 1000: a "bomb"
+    report = scan_dataset(data, progress=False, hash_duplicates=False)
+    assert report.by_kind("huge") and len(report.bad_files) == len(report.by_kind("huge"))
+    assert f"{len(report.bad_files)} files cannot be used" in report.to_text()
+
+
+# ----- a full disk: one line naming the disk and the space needed ------------------------------------
+
+def test_full_disk_during_cache_build_is_named_instead_of_a_sigbus(tmp_path, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    import foodlib.io as io_module
+    from foodlib.data.cache import build_cache
+    from foodlib.io import NoSpaceError
+
+    paths = small_photos(tmp_path / "photos")
+
+    def no_blocks(fd, offset, length):  # the disk fills between the free-space check and the write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_blocks)
+    with pytest.raises(NoSpaceError, match=r"no space left on /.* for the decoded image cache.*need 1 MB in") as error:
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+    assert "\n" not in str(error.value) and "cache_dir" in str(error.value)
+    assert not list((tmp_path / "cache" / "decoded").glob("*.u8*"))  # nothing half-built left behind
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(NoSpaceError, match="1 MB in .*0 MB free"):
+        build_cache(paths, side=16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_full_disk_during_checkpoint_save_keeps_the_old_one_and_names_the_disk(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import foodlib.io as io_module
+    from foodlib.io import NoSpaceError
+
+    path = tmp_path / "last.pt"
+    atomic_torch_save(path, {"w": torch.ones(4)})
+    before = path.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    free = iter([10**9, 0])  # room at the check, none by the time torch writes
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda p: usage(10**9, 10**9, next(free)))
+
+    def zip_writer_fails(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    with pytest.raises(NoSpaceError, match=r"no space left on /.* for the checkpoint last.pt \(the previous one is kept\)"):
+        atomic_torch_save(path, {"w": torch.ones(2**20)})
+    assert path.read_bytes() == before

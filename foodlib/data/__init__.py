@@ -21,7 +21,7 @@ from foodlib.data.folders import ClassMismatchError, DatasetIndex, Split, carve_
 from foodlib.data.food101 import index_food101, is_food101_root
 
 __all__ = [
-    "BadFilesError", "BatchLoader", "ClassMismatchError", "Data", "DatasetIndex", "DecodedImages", "ImageSource", "Split",
+    "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource", "Split",
     "build_cache", "load_data", "resolve_data_root", "index_dataset",
 ]
 
@@ -100,6 +100,7 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
 
     Raises:
         BadFilesError: unreadable files with ``bad_files="fail"`` (the message lists them).
+        EmptyClassError: a class has no usable training image.
     """
     index = index_dataset(cfg)
     side = cache_side(cfg.data.image_size)
@@ -119,6 +120,7 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
         )
     if errors:
         index = index.drop(set(errors))
+    _check_every_class_trains(index, errors)
     if run_dir is not None:
         _write_run_files(Path(run_dir), index, errors)
 
@@ -127,7 +129,25 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
     for name, split in index.splits.items():
         split_rows = np.asarray([rows[p] for p in split.paths], dtype=np.int64)
         sources[name] = ImageSource(split.paths, side, decoded, split_rows if decoded is not None else None)
+        if run_dir is not None and decoded is None:
+            sources[name].skip_log = str(Path(run_dir) / "bad_files.txt")  # files that vanish mid-run
     return Data(index, side, sources, errors)
+
+
+class EmptyClassError(ValueError):
+    """A class has no usable training image: it would train as a dead class."""
+
+
+def _check_every_class_trains(index: DatasetIndex, errors: dict[str, str]) -> None:
+    """Refuse a class without a usable training image (torchvision's ImageFolder refuses it too)."""
+    counts = np.bincount(index.splits["train"].labels, minlength=index.num_classes)
+    empty = [index.classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        why = " (its files are unreadable: see the list of bad files)" if errors else ""
+        raise EmptyClassError(
+            f"class(es) {empty[:10]} of {index.root} have no usable training image{why}; every class needs one: "
+            "add images to the class folder, or remove the folder"
+        )
 
 
 def _decode_check(paths: list[str], cfg, progress: bool) -> dict[str, str]:

@@ -11,12 +11,13 @@ stored side S and the decode version, so any change rebuilds it: a stale cache i
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
-import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from foodlib.io import atomic_write_json, atomic_write_text, cache_home, lock_file, read_json_or_none, unlock_file
+from foodlib.io import (atomic_write_json, atomic_write_text, cache_home, check_free_space, lock_file, no_space_error,
+                        read_json_or_none, unlock_file)
+from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
@@ -129,8 +132,14 @@ def build_cache(
     shape = (len(paths), side, side, 3)
 
     with _locked(folder / f"{key}.lock"):
-        if meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
-            meta = json.loads(meta_file.read_text())
+        reusable = meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape))
+        if reusable:
+            meta = read_json_or_none(meta_file)
+            problem = _damage(data_file, meta_file, meta)  # same size says nothing about the bytes
+            if problem is not None:
+                warnings.warn(f"decoded cache {data_file} {problem}; rebuilding it", stacklevel=2)
+                reusable = False
+        if reusable:
             try:
                 os.utime(meta_file)  # "last used", for `foodlib cache` and prune_caches(older_than_days=...)
             except OSError:
@@ -143,20 +152,75 @@ def build_cache(
 
         tmp_file = data_file.with_suffix(".u8.tmp")
         errors = _decode_into(tmp_file, paths, side, workers, progress)
+        blocks = block_checksums(tmp_file)  # read back from the page cache: what first use will compare
+        meta_file.unlink(missing_ok=True)  # never a new .u8 beside the old checksums (a kill between the two writes)
         os.replace(tmp_file, data_file)
         atomic_write_text(folder / f"{key}.paths", "".join(f"{p}\n" for p in paths))  # for `foodlib cache`
         atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION,
-                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      "blocks": blocks})
+        _VERIFIED.add(_identity(data_file))
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
         _mark_in_use(folder, key)
         return DecodedImages(paths, array, errors, str(data_file))
+
+
+_VERIFIED: set[tuple] = set()  # caches whose checksums this process has compared (first use only)
+
+
+def _identity(data_file: Path) -> tuple:
+    st = data_file.stat()
+    return str(data_file), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _damage(data_file: Path, meta_file: Path, meta) -> str | None:
+    """Why the cache in ``data_file`` cannot be trusted, or None; checksums compared once per process."""
+    if not isinstance(meta, dict):
+        return f"has unreadable metadata ({meta_file} is not a JSON object)"
+    identity = _identity(data_file)
+    if identity in _VERIFIED:
+        return None
+    try:
+        bad = first_bad_block(data_file, meta.get("blocks"))
+    except ValueError:
+        return "has no block checksums (built by an older foodlib), so it cannot be verified"
+    if bad is not None:
+        n = len(meta["blocks"]["sums"])
+        return (f"is corrupt: block {bad + 1} of {n} ({meta['blocks']['block_bytes'] // 2**20} MiB each) differs "
+                "from the checksum recorded when it was built")
+    _VERIFIED.add(identity)
+    return None
+
+
+def _preallocate(file: Path, size: int) -> None:
+    """Reserve the cache file's blocks before writing through a memory map.
+
+    A memory-mapped write to a sparse file on a full disk kills the process with SIGBUS (exit 135,
+    no message); with the blocks reserved first, a full disk is an ENOSPC here, named in one line.
+    """
+    need, what = size + 2**20, "the decoded image cache (or set cache_dir to another disk, or cache=False)"
+    check_free_space(file.parent, need, what)
+    with open(file, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size) if size else None
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                f.close()
+                file.unlink(missing_ok=True)
+                raise no_space_error(file.parent, need, what) from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            f.truncate(size)  # a file system without fallocate: sparse, as before
+        except AttributeError:  # no posix_fallocate (macOS, Windows)
+            f.truncate(size)
 
 
 def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool) -> dict[str, str]:
     """Decode ``paths`` into a new memory-mapped ``file`` (N, side, side, 3), in threads; unreadable files -> errors."""
     from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
-    out = np.memmap(file, dtype=np.uint8, mode="w+", shape=(len(paths), side, side, 3))
+    _preallocate(file, len(paths) * side * side * 3)
+    out = np.memmap(file, dtype=np.uint8, mode="r+", shape=(len(paths), side, side, 3))
     errors: dict[str, str] = {}
 
     def decode(i: int) -> None:
@@ -224,6 +288,9 @@ class ImageSource:
         state["_array"] = None
         return state
 
+    #: where files that became unreadable during the run are appended (path<TAB>reason), if set
+    skip_log: str | None = None
+
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         if self._shape is None:  # uncached: the same decode path the cache uses
             return np.stack([load_image_array(self.paths[i], self.side) for i in indices])
@@ -231,14 +298,38 @@ class ImageSource:
             self._array = np.memmap(self._file, dtype=np.uint8, mode="r", shape=self._shape)
         return self._array[self._rows[np.asarray(indices)]]  # (B, S, S, 3), a copy
 
+    def get_batch_skipping(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (B', S, S, 3), kept positions (B',))``: without the cache, a file deleted or damaged
+        since the run started is skipped with a warning (and listed in ``skip_log``), not fatal."""
+        if self._shape is not None:
+            return self.get_batch(indices), np.arange(len(indices))
+        images, kept = [], []
+        for position, i in enumerate(indices):
+            try:
+                images.append(load_image_array(self.paths[i], self.side))
+                kept.append(position)
+            except (OSError, ImageDecodeError) as error:  # deleted, unreadable, or rewritten badly mid-run
+                reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error.strerror or error}" \
+                    if isinstance(error, OSError) else str(error)
+                self._record_skip(self.paths[i], reason)
+        empty = np.zeros((0, self.side, self.side, 3), np.uint8)
+        return (np.stack(images) if images else empty), np.asarray(kept, dtype=np.int64)
+
+    def _record_skip(self, path: str, reason: str) -> None:
+        warnings.warn(f"{path}: {reason}; skipped (it changed or vanished since the run started)", stacklevel=3)
+        if self.skip_log:
+            with open(self.skip_log, "a") as log:  # one short line per append: whole lines, even from workers
+                log.write(f"{path}\tduring training: {reason}\n")
+
 
 class _Batches(torch.utils.data.Dataset):
     def __init__(self, source: ImageSource, labels: np.ndarray):
         self.source, self.labels = source, labels
 
     def __getitem__(self, indices):
-        images = torch.from_numpy(np.ascontiguousarray(self.source.get_batch(indices)))
-        return images, torch.from_numpy(self.labels[indices])
+        array, kept = self.source.get_batch_skipping(indices)
+        images = torch.from_numpy(np.ascontiguousarray(array))
+        return images, torch.from_numpy(self.labels[indices][kept])
 
     def __len__(self):
         return len(self.labels)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from foodlib.data.checksum import first_bad_block
 from foodlib.data.cache import cache_key, default_cache_dir, format_size, held_in_this_process
 from foodlib.io import lock_file, read_json_or_none
 
@@ -30,7 +31,8 @@ class CacheEntry:
 
     ``state``: ``current`` (matches its files), ``stale`` (files changed or some gone), ``unknown`` (cannot
     be checked: no file list, relative paths, or none of its files reachable), ``incomplete`` (a build
-    that did not finish). ``in_use``: some process has loaded it or is building it.
+    that did not finish), ``corrupt`` (its bytes differ from the block checksums of its build, or its
+    metadata is unreadable). ``in_use``: some process has loaded it or is building it.
     """
 
     key: str
@@ -74,6 +76,9 @@ def _entry(folder: Path, key: str) -> CacheEntry:
     size = sum(p.stat().st_size for p in (data_file, folder / f"{key}.u8.tmp") if p.exists())
     meta = read_json_or_none(meta_file)
     in_use = _in_use(folder, key)
+    if data_file.is_file() and meta_file.is_file() and not isinstance(meta, dict):
+        return CacheEntry(key, folder, "corrupt", f"{meta_file.name} is not readable JSON; it will be rebuilt", size,
+                          in_use=in_use)
     if not data_file.is_file() or not isinstance(meta, dict):
         detail = "a build that did not finish" + (" (building now)" if in_use else "")
         return CacheEntry(key, folder, "incomplete", detail, size, in_use=in_use)
@@ -97,7 +102,13 @@ def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
         return "stale", f"{gone:,} of {len(paths):,} files are gone"
     if cache_key(paths, int(meta["side"])) != key:
         return "stale", "files changed since the build (or another foodlib decode version)"
-    return "current", "matches the files"
+    try:
+        bad = first_bad_block(folder / f"{key}.u8", meta.get("blocks"))
+    except ValueError:
+        return "current", "matches the files (built without checksums: its bytes cannot be verified)"
+    if bad is not None:
+        return "corrupt", f"block {bad + 1} differs from its checksum: its bytes were damaged; it will be rebuilt"
+    return "current", "matches the files and its checksums"
 
 
 def _in_use(folder: Path, key: str) -> bool:
@@ -140,7 +151,7 @@ def prune_caches(cache_dir: str | Path | None = None, older_than_days: float | N
     chosen = []
     for entry in list_caches(cache_dir):
         old = older_than_days is not None and (entry.last_used is None or now - entry.last_used > older_than_days * 86400)
-        if entry.in_use or not (entry.state in ("stale", "incomplete") or old):
+        if entry.in_use or not (entry.state in ("stale", "incomplete", "corrupt") or old):
             continue
         if not dry_run and not _remove(entry.folder, entry.key):
             continue  # it was taken up between the listing and now, or cannot be removed
@@ -201,8 +212,8 @@ def main_cache(cache_dir: str | None, prune: bool, older_than_days: float | None
               f"{format_size(e.size_bytes):>8}  {used:<16}  {state:<10}  {e.root or '-'}")
     if any(e.in_use for e in entries):
         print("* loaded or being built by a running process: never pruned")
-    prunable = [e for e in entries if e.state in ("stale", "incomplete") and not e.in_use]
+    prunable = [e for e in entries if e.state in ("stale", "incomplete", "corrupt") and not e.in_use]
     if prunable:
-        print(f"`foodlib cache --prune` removes the {len(prunable)} stale or unfinished one(s), "
+        print(f"`foodlib cache --prune` removes the {len(prunable)} stale, corrupt or unfinished one(s), "
               f"{format_size(sum(e.size_bytes for e in prunable))}; add --older-than DAYS for unused ones")
     return 0

@@ -36,11 +36,12 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
+from foodlib.data.walk import walk_files
 
 #: split folder names recognised under the root, in report order.
 SPLIT_NAMES = ("train", "val", "test")
 #: bump when the checks change, so cached reports are recomputed.
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: sub-folders walked once each (symlink loops reported)
 
 #: every problem kind, with its severity: "error" = the file (or class) cannot be used,
 #: "warning" = usable, but converted, suspicious or worth knowing.
@@ -60,6 +61,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "duplicate": "warning",  # same bytes twice in one split (twice the weight; or two labels)
     "empty_class": "error",  # a class folder with no usable image (in train or unsplit layouts)
     "missing_class": "error",  # a class absent from train that other splits have
+    "symlink_loop": "warning",  # a link to a folder already walked (e.g. `ln -s .. loop`): not followed
 }
 # Dataset-level kinds whose severity depends on the split (warning outside train).
 _SPLIT_DEPENDENT = {"empty_class", "missing_class"}
@@ -199,7 +201,8 @@ class ScanReport:
         return "\n".join(lines)
 
 
-_FILE_ERROR_KINDS = {"zero_byte", "not_image", "truncated", "corrupt", "unreadable"}
+_FILE_ERROR_KINDS = {"zero_byte", "not_image", "truncated", "corrupt", "unreadable",
+                     "huge"}  # "huge" only at error severity (a decompression bomb): training skips those too
 
 
 @dataclass(frozen=True)
@@ -220,8 +223,10 @@ def _layout(root: Path) -> tuple[str, list[tuple[str, Path]]]:
     return ("splits", splits) if splits else ("flat", [("", root)])
 
 
-def _list_entries(root: str | os.PathLike) -> tuple[str, list[_Entry], list[str], dict[str, list[str]]]:
-    """Walk ``root``: the layout, every file, ignored hidden paths, and class folders per split."""
+def _list_entries(root: str | os.PathLike) -> tuple[str, list[_Entry], list[str], dict[str, list[str]],
+                                                   list[tuple[str, str]]]:
+    """Walk ``root``: the layout, every file, ignored hidden paths, class folders per split, and links
+    to folders already walked (symlink loops), which are not followed."""
     root = Path(root).absolute()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -230,6 +235,7 @@ def _list_entries(root: str | os.PathLike) -> tuple[str, list[_Entry], list[str]
     layout, splits = _layout(root)
     entries: list[_Entry] = []
     classes: dict[str, list[str]] = {}
+    loops: list[tuple[str, str]] = []
 
     def rel(path: Path) -> str:
         return path.relative_to(root).as_posix()
@@ -245,19 +251,13 @@ def _list_entries(root: str | os.PathLike) -> tuple[str, list[_Entry], list[str]
                 ignored.append(rel(child))
             elif child.is_dir():
                 classes[split].append(child.name)
-                for folder, dirnames, filenames in os.walk(child, followlinks=True):
-                    hidden_dirs = [d for d in dirnames if _is_hidden(d)]
-                    ignored.extend(rel(Path(folder) / d) for d in hidden_dirs)
-                    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-                    for name in sorted(filenames):
-                        path = Path(folder) / name
-                        if _is_hidden(name):
-                            ignored.append(rel(path))
-                        else:
-                            entries.append(_Entry(path, rel(path), split, child.name))
+                files, skipped_links, hidden = walk_files(child)  # each real folder once: no symlink loops
+                ignored.extend(rel(Path(p)) for p in hidden)
+                loops.extend((rel(Path(link)), target) for link, target in skipped_links)
+                entries.extend(_Entry(Path(p), rel(Path(p)), split, child.name) for p in files)
             elif child.is_file():
                 entries.append(_Entry(child, rel(child), split, None))
-    return layout, entries, sorted(ignored), classes
+    return layout, entries, sorted(ignored), classes, loops
 
 
 @dataclass
@@ -390,13 +390,15 @@ def scan_dataset(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    layout, entries, ignored, classes = _list_entries(root)
+    layout, entries, ignored, classes, loops = _list_entries(root)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = pool.map(lambda e: _check_file(e, hash_duplicates, min_size, max_pixels), entries)
         results = list(tqdm(jobs, total=len(entries), desc="data-check", unit="file", disable=not progress))
 
     problems = [p for r in results for p in r.problems]
+    problems += [_problem("symlink_loop", link, f"links to {target}, a folder already scanned; not followed")
+                 for link, target in loops]
     counts = {split: {name: 0 for name in names} for split, names in classes.items()}
     for r in results:
         if r.usable:
@@ -465,7 +467,7 @@ def _duplicate_problems(results: list[_FileResult]) -> list[Problem]:
 def scan_key(root: str | os.PathLike, **options) -> str:
     """Cache key of a scan: the file list with sizes and modification times, plus the options."""
     root = Path(root).absolute()
-    layout, entries, ignored, classes = _list_entries(root)
+    layout, entries, ignored, classes, loops = _list_entries(root)
     digest = hashlib.sha1()
     header = {"root": str(root), "version": SCAN_VERSION, "options": options, "classes": classes}
     digest.update(json.dumps(header, sort_keys=True).encode())

@@ -1,0 +1,135 @@
+"""What a run folder may be used for: a finished run is never replaced without ``overwrite=True``.
+
+:func:`check_run_folder` runs before ``fit()`` writes anything into its ``out`` folder. It decides
+between a new run, a resumed one, an explicit overwrite and a refusal, with a one-line reason.
+
+>>> check_run_folder(Path("runs/try"), cfg, print)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+#: Files a run writes once it has trained (any one of them means: results live here).
+RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz")
+#: Folders of results, replaced together with the files on ``overwrite``.
+RESULT_FOLDERS = ("figures",)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and make sure files can be written into it.
+
+    Raises:
+        ConfigError: naming ``out``, the folder and the operating system's reason.
+    """
+    import tempfile
+
+    from foodlib.config import ConfigError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"out={str(run_dir)!r}: cannot write into {run_dir} ({error.strerror or type(error).__name__}); "
+            "choose a writable out folder (--out) or fix its permissions"
+        ) from None
+
+
+def run_results(run_dir: Path) -> list[str]:
+    """Names of the result files and folders in ``run_dir`` (empty for a new or never-trained folder)."""
+    return [name for name in (*RESULT_FILES, *RESULT_FOLDERS) if (run_dir / name).exists()]
+
+
+def check_run_folder(run_dir: Path, cfg, log: Callable[[str], None] = print) -> None:
+    """Refuse to train over results in ``run_dir`` unless asked, in one line naming the files and the fix.
+
+    - ``resume`` with ``last.pt``: allowed (``fit`` then checks that the config matches).
+    - ``resume`` without ``last.pt``: the folder's ``config.yaml`` must match ``cfg``; a folder with
+      other results (best.pt, metrics.json) cannot be resumed and needs ``overwrite``.
+    - no ``resume``: any result file refuses, unless ``overwrite``, which removes them first.
+
+    Raises:
+        FileExistsError: results are there and neither flag allows replacing them.
+        ConfigError: ``resume`` without ``last.pt`` and a ``config.yaml`` that differs from ``cfg``.
+    """
+    results = run_results(run_dir)
+    if cfg.train.resume:
+        if "last.pt" in results:
+            return
+        recorded = run_dir / "config.yaml"
+        if recorded.is_file():
+            _check_recorded_config(recorded, cfg)
+        if results and not cfg.train.overwrite:
+            raise FileExistsError(
+                f"{run_dir} holds results ({', '.join(results)}) but no last.pt, so it cannot be resumed; "
+                "pass --overwrite (overwrite=True) to retrain it from scratch, or choose another out folder"
+            )
+        if not results:
+            if recorded.is_file():
+                log(f"{run_dir} has no last.pt (no epoch had finished): starting from epoch 1")
+            return
+    elif results and not cfg.train.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({', '.join(results)}); pass --resume (resume=True) to continue it, "
+            "--overwrite (overwrite=True) to replace its results, or choose another out folder"
+        )
+    if results:  # overwrite=True, asked for explicitly
+        for name in results:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        log(f"overwrite: removed the earlier results of {run_dir} ({', '.join(results)})")
+
+
+def _check_recorded_config(recorded: Path, cfg) -> None:
+    """ConfigError unless ``cfg`` may continue the run recorded in ``recorded`` (same rules as resume)."""
+    import yaml
+
+    from foodlib.config import ConfigError
+    from foodlib.train import check_resume_config  # local: train imports this module
+
+    try:
+        saved = yaml.safe_load(recorded.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{recorded} is unreadable ({type(error).__name__}); "
+                          "pass --overwrite to start the run again, or choose another out folder") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{recorded} is not a foodlib config; pass --overwrite to start the run again, "
+                          "or choose another out folder")
+    check_resume_config(saved, cfg, recorded)
+
+
+# ----- outdated runs: moved aside, never deleted ---------------------------------------------------
+
+RETIRED_MARK = ".old-"  # RUN.old-20261201-124500: an outdated run a suite moved aside
+
+
+def is_retired(name: str) -> bool:
+    """True for a folder name made by :func:`retire_run_folder` (reports skip these)."""
+    return RETIRED_MARK in name
+
+
+def retire_run_folder(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``RUN.old-<timestamp>`` next to it and return the new path; nothing is deleted.
+
+    Holds the folder's lock while renaming, so a run still writing there is never moved away.
+
+    Raises:
+        FolderBusyError: a live ``fit()`` holds the folder.
+    """
+    import time
+
+    from foodlib.io import LOCK_NAME, folder_lock
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    retired = run_dir.with_name(f"{run_dir.name}{RETIRED_MARK}{stamp}")
+    n = 1
+    while retired.exists():
+        n += 1
+        retired = run_dir.with_name(f"{run_dir.name}{RETIRED_MARK}{stamp}-{n}")
+    with folder_lock(run_dir, "a suite moving an outdated run aside"):  # not under a live fit()
+        run_dir.rename(retired)
+    (retired / LOCK_NAME).unlink(missing_ok=True)
+    return retired
