@@ -91,3 +91,24 @@ def test_openset_metrics_collects_everything_and_skips_impossible_shots():
     assert "shot1_mean" in out and "shot5_mean" not in out  # only 2-3 images per class
     with pytest.raises(ValueError, match="metric"):
         openset_metrics(EMB, LABELS, metric="manhattan")
+
+
+def test_report_has_open_set_columns_and_paired_differences(tmp_path):
+    import json
+
+    from foodlib import report as R
+
+    map_r = {("softmax", 0): 0.30, ("softmax", 1): 0.34, ("center", 0): 0.40, ("center", 1): 0.46}
+    for (loss, seed), value in map_r.items():
+        run_dir = tmp_path / f"{loss}-s{seed}"
+        run_dir.mkdir()
+        novel = {"map_at_r": value, "precision_at_1": value + 0.3, "shot5_mean": value + 0.2, "held_out": ["a", "b"]}
+        (run_dir / "metrics.json").write_text(json.dumps({"test": {"top1": 0.5, "map_at_r": 0.5}, "novel": novel}))
+    rows = R.collect_runs(tmp_path)
+    assert {r["novel_map_at_r"] for r in rows} == set(map_r.values()) and "novel_held_out" not in rows[0]
+    lines = "\n".join(R.openset_section(rows, "softmax"))
+    assert "novel MAP@R" in lines and "known MAP@R" in lines and "novel 5-shot" in lines
+    paired = R.paired_vs_baseline(rows, "softmax", metric="novel_map_at_r")[0]
+    assert paired["mean_diff"] == pytest.approx(((0.40 - 0.30) + (0.46 - 0.34)) / 2)
+    assert "| center | softmax | 2 |" in lines
+    assert R.openset_section([{k: v for k, v in r.items() if not k.startswith("novel")} for r in rows], "softmax") == []
