@@ -227,4 +227,93 @@ def evaluate_openset(run_dir, model, loss, data, cfg, metrics: dict[str, Any], d
         test = load_features(features_file).get("test")
         if test is not None and len(np.unique(test["labels"])) > 1:
             metrics["test"].update(retrieval_metrics(test["embeddings"], test["labels"], metric))
+        if cfg.train.figures:
+            make_openset_figures(run_dir, cfg.data.image_size)
     return metrics
+
+
+# ----- figures ----------------------------------------------------------------------------------
+
+def novel_umap(known_emb, novel_emb, novel_labels, novel_classes: Sequence[str], ax=None, title: str | None = None,
+               cache_path=None):
+    """One UMAP of the known classes' images (grey, behind) and the held-out dishes (a colour per dish).
+
+    Both sets are laid out together, so the figure shows whether the loss gives dishes it never
+    saw their own regions or folds them into the known ones.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    from foodlib import plots as P
+
+    known_emb, novel_emb = np.asarray(known_emb, np.float32), np.asarray(novel_emb, np.float32)
+    novel_labels = np.asarray(novel_labels)
+    both = np.concatenate([known_emb, novel_emb])  # (Nk + Nn, D)
+    coords = both if both.shape[1] == 2 else P.umap_embed(both, cache_path=cache_path)
+    known_xy, novel_xy = coords[: len(known_emb)], coords[len(known_emb):]
+    fig, ax = P._figure_and_axes(ax, figsize=(7.5, 6))
+    ax.scatter(known_xy[:, 0], known_xy[:, 1], s=4, c="0.8", linewidths=0, label="known classes (test images)")
+    colours, markers = P.class_palette(len(novel_classes)), P.class_markers(len(novel_classes))
+    for c, name in enumerate(novel_classes):
+        mine = novel_xy[novel_labels == c]
+        ax.scatter(mine[:, 0], mine[:, 1], s=10, color=colours[c], marker=markers[c], linewidths=0, label=name)
+    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title or "UMAP: held-out dishes (colours) over the known classes (grey)", fontsize=9)
+    return fig
+
+
+def retrieval_grid(paths: Sequence[str], labels, classes: Sequence[str], emb, metric: str = "euclidean",
+                   n_queries: int = 6, k: int = 5, image_side: int = 64, seed: int = 0):
+    """Query photos of held-out dishes and their ``k`` nearest other photos of the pool, right and wrong marked.
+
+    Queries: ``n_queries`` drawn at random (``seed``), spread over the dishes. Each row is a query
+    (its dish in the title) and its neighbours, nearest first: a green title is the query's dish,
+    red another dish; ``d`` is the distance in ``metric``.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    from foodlib.inference import Neighbours
+
+    emb, labels = np.asarray(emb, np.float32), np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    dishes = rng.permutation(np.unique(labels))
+    queries = [int(rng.choice(np.flatnonzero(labels == dishes[i % len(dishes)]))) for i in range(n_queries)]
+    k = min(k, len(emb) - 1)
+    distances, indices = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(emb).kneighbors(emb[queries])
+    keep = indices != np.asarray(queries)[:, None]  # drop the query itself
+    indices = np.stack([row[m][:k] for row, m in zip(indices, keep)])
+    distances = np.stack([row[m][:k] for row, m in zip(distances, keep)])
+    found = Neighbours([paths[q] for q in queries], [classes[labels[q]] for q in queries], [None] * len(queries),
+                       indices, distances.astype(np.float32), list(paths), labels, list(classes), metric, image_side)
+    fig = found.figure(max_queries=None)
+    fig.suptitle(f"held-out dishes: each query (left) and its {k} nearest other held-out photos ({metric} distance d); "
+                 "green: same dish, red: another dish", fontsize=8)
+    return fig
+
+
+def make_openset_figures(run_dir, image_size: int) -> list[Path]:
+    """``figures/novel_umap.png`` and ``figures/novel_retrieval.png`` of a run with held-out classes."""
+    from foodlib import plots as P
+    from foodlib.features import load_features
+    from foodlib.inference import read_split_file, trained_metric
+
+    run_dir = Path(run_dir)
+    novel = load_features(run_dir / "novel_features.npz")
+    known = load_features(run_dir / "features.npz")
+    split = "test" if "test" in known else "val"
+    loss = "softmax"
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        loss = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("loss", {}).get("loss", loss)
+    classes, feats = novel["classes"], novel["novel"]
+    written = [P.save_figure(novel_umap(known[split]["embeddings"], feats["embeddings"], feats["labels"], classes,
+                                        cache_path=run_dir / "umap_novel.npz",
+                                        title=f"{loss}: held-out dishes (colours) over the known {split} images (grey)"),
+                             run_dir / "figures" / "novel_umap.png")]
+    paths, _ = read_split_file(run_dir, "novel")
+    written.append(P.save_figure(retrieval_grid(paths, feats["labels"], classes, feats["embeddings"],
+                                                trained_metric(loss), image_side=image_size),
+                                 run_dir / "figures" / "novel_retrieval.png"))
+    return written

@@ -112,3 +112,25 @@ def test_report_has_open_set_columns_and_paired_differences(tmp_path):
     assert paired["mean_diff"] == pytest.approx(((0.40 - 0.30) + (0.46 - 0.34)) / 2)
     assert "| center | softmax | 2 |" in lines
     assert R.openset_section([{k: v for k, v in r.items() if not k.startswith("novel")} for r in rows], "softmax") == []
+
+
+def test_figures_mark_known_in_grey_and_retrieval_right_and_wrong(tmp_path):
+    from PIL import Image
+
+    from foodlib.openset import novel_umap, retrieval_grid
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 4)
+    emb = (labels[:, None] * 10 + rng.normal(size=(8, 2))).astype(np.float32)  # 2-D: drawn as is, no UMAP
+    fig = novel_umap(rng.normal(size=(20, 2)), emb, labels, ["laksa", "poke"])
+    ax = fig.axes[0]
+    assert len(ax.collections) == 3 and [t.get_text() for t in ax.get_legend().get_texts()][1:] == ["laksa", "poke"]
+    paths = []
+    for i, y in enumerate(labels):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (20, 20), (200 * int(y), 50, 50)).save(paths[-1])
+    grid = retrieval_grid(paths, labels, ["laksa", "poke"], emb, n_queries=2, k=3, image_side=16)
+    titles = [a.get_title() for a in grid.axes]
+    colours = [a.title.get_color() for a in grid.axes]
+    assert len(titles) == 2 * 4 and titles[0].startswith("query")
+    assert colours[1:4] == ["tab:green"] * 3  # well-separated dishes: the 3 nearest are the query's own
