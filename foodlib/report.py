@@ -412,7 +412,7 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
         lines += ["", f"## Against {baseline}: {split} top-1, paired by seed", "", markdown_paired(paired), ""]
         lines.append("Difference = variant - baseline on the same seeds, with a paired t interval and p-value "
                      "(needs at least 2 seeds).")
-    lines += openset_section(rows, baseline)
+    lines += openset_section(rows, baseline, suite_dir)
     lines += ["", "## Figures", ""]
     one_seed = all(e["n"] == 1 for e in table)
     captions = {"accuracy_ci": f"{split.capitalize()} top-1 with the bootstrap 95% CI over {split} images (one seed)"
@@ -437,10 +437,44 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
     return report
 
 
-def openset_section(rows: list[dict[str, Any]], baseline: str) -> list[str]:
+def novel_umap_grid_figure(rows: list[dict[str, Any]]) -> Figure | None:
+    """UMAP of the held-out dishes as each variant embeds them (its lowest seed), known test images grey behind.
+
+    Uses each run's ``novel_features.npz`` and ``features.npz`` (and the run's ``umap_novel.npz``
+    cache, which the run's own ``figures/novel_umap.png`` filled). None when no run held classes out.
+    """
+    from foodlib.features import load_features
+    from foodlib.openset import novel_umap
+
+    chosen = []
+    for variant in _variants(rows):
+        members = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+        run = next((r for r in members if (r["run_dir"] / "novel_features.npz").is_file()
+                    and (r["run_dir"] / "features.npz").is_file()), None)
+        if run is not None:
+            chosen.append(run)
+    if not chosen:
+        return None
+    fig = Figure(figsize=(5.2 * len(chosen), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, run in zip(axes, chosen):
+        novel, known = load_features(run["run_dir"] / "novel_features.npz"), load_features(run["run_dir"] / "features.npz")
+        split = "test" if "test" in known else "val"
+        score = f", MAP@R {run['novel_map_at_r']:.3f}" if _finite(run.get("novel_map_at_r")) else ""
+        novel_umap(known[split]["embeddings"], novel["novel"]["embeddings"], novel["novel"]["labels"],
+                   novel["classes"], ax=ax, cache_path=run["run_dir"] / "umap_novel.npz",
+                   title=f"{run['variant']} (seed {run['seed']}{score})")
+        if ax is not axes[-1]:
+            ax.get_legend().remove()  # one legend, on the last panel: the dishes are the same in every panel
+    fig.suptitle("held-out dishes (colours), never trained on, over the known classes' test images (grey)", fontsize=10)
+    return fig
+
+
+def openset_section(rows: list[dict[str, Any]], baseline: str, suite_dir: str | Path | None = None) -> list[str]:
     """Report lines for runs with held-out classes: open-set table, and MAP@R / 5-shot paired with the baseline.
 
-    Empty when no run held classes out (``novel_classes``).
+    Empty when no run held classes out (``novel_classes``). With ``suite_dir``, also draws
+    ``figures/novel_umap_grid.png`` (:func:`novel_umap_grid_figure`) and links it.
     """
     if not any("novel_map_at_r" in r for r in rows):
         return []
@@ -457,6 +491,11 @@ def openset_section(rows: list[dict[str, Any]], baseline: str) -> list[str]:
         if paired:
             lines += ["", f"### Against {baseline}: {OPENSET_METRICS[metric]}, paired by seed", "",
                       markdown_paired(paired)]
+    figure = novel_umap_grid_figure(rows) if suite_dir is not None else None
+    if figure is not None:
+        path = P.save_figure(figure, Path(suite_dir) / "figures" / "novel_umap_grid.png")
+        caption = "UMAP of the held-out dishes as each loss embeds them (known classes grey)"
+        lines += ["", f"![{caption}]({path.relative_to(Path(suite_dir)).as_posix()})", f"*{caption}*"]
     return lines
 
 
