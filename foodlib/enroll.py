@@ -179,6 +179,30 @@ def add_enrolled_gallery(run, paths: list[str], embeddings: np.ndarray, labels: 
             np.concatenate([labels, dishes.path_labels + len(run.classes)]), list(run.classes) + dishes.names)
 
 
+def enrolled_metadata(run) -> dict[str, str]:
+    """``{"enrolled.json": text}`` for an export: every class's mean (and L-GM log-variances) and the score.
+
+    The exported model's own logits cover the trained classes only; with these means a consumer
+    scores the trained and enrolled dishes together from the exported embedding. Empty when
+    nothing is enrolled with the exported checkpoint.
+    """
+    import json
+
+    dishes = enrolled_dishes(run.run_dir)
+    if dishes is None or not len(dishes) or dishes.checkpoint != run.checkpoint:
+        return {}
+    means, log_var = _original_classes(run)
+    names = list(run.classes) + dishes.names
+    means = np.concatenate([means, dishes.means])
+    if log_var is not None:
+        log_var = np.concatenate([log_var, dishes.log_var])
+    text = {"classes": names, "enrolled": dishes.names, "means": np.round(means, 6).tolist(),
+            "log_var": None if log_var is None else np.round(log_var, 6).tolist(),
+            "score": "higher is more likely: -(1/2 sum_d (x_d - mean_kd)^2 / var_kd + 1/2 sum_d log var_kd), "
+                     "var = 1 when log_var is null; x is the exported embedding"}
+    return {"enrolled.json": json.dumps(text)}
+
+
 # ----- enrol / list / remove --------------------------------------------------------------------
 
 @dataclass

@@ -746,8 +746,13 @@ def export_metadata(run: InferenceRun) -> dict[str, str]:
         "num_classes": len(run.classes), "neighbour_metric": run.metric, "checkpoint": run.checkpoint,
         "run_dir": str(run.run_dir), "foodlib": foodlib.__version__, "torch": torch.__version__,
     }
-    return {"classes.json": json.dumps(run.classes), "preprocessing.json": json.dumps(preprocessing, indent=2),
-            "model.json": json.dumps(model, indent=2)}
+    texts = {"classes.json": json.dumps(run.classes), "preprocessing.json": json.dumps(preprocessing, indent=2),
+             "model.json": json.dumps(model, indent=2)}
+    if (run.run_dir / "enrolled.npz").is_file():  # dishes added by `foodlib enroll`: every class's mean, to score them
+        from foodlib.enroll import enrolled_metadata
+
+        texts.update(enrolled_metadata(run))
+    return texts
 
 
 def export_model(
@@ -862,7 +867,7 @@ def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, A
     >>> meta["preprocessing"]["image_size"], meta["classes"][:2]              # doctest: +SKIP
     (64, ['apple_pie', 'bibimbap'])
     """
-    extra = {"classes.json": "", "preprocessing.json": "", "model.json": ""}
+    extra = {"classes.json": "", "preprocessing.json": "", "model.json": "", "enrolled.json": ""}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

@@ -132,3 +132,25 @@ def test_enroll_command_lists_and_removes(run, tmp_path, capsys):
     assert main(["enroll", str(run), "--remove", name]) == 0
     assert main(["enroll", str(run), "--remove", name]) == 2  # a one-line error, not a traceback
     assert "not enrolled" in capsys.readouterr().err
+
+
+def test_export_carries_the_enrolled_dishes(run, tmp_path):
+    import torch
+
+    from foodlib.enroll import class_scores, enroll
+    from foodlib.inference import InferenceRun, export_model, load_exported
+
+    _shots(run, tmp_path / "new", shots=3)
+    enroll(run, tmp_path / "new", device="cpu")
+    module, meta = load_exported(export_model(run, out=tmp_path / "model.pt"))
+    enrolled = meta["enrolled"]
+    assert len(enrolled["classes"]) == 10 and enrolled["classes"][-4:] == enrolled["enrolled"]
+    loaded = InferenceRun.load(run, device="cpu")
+    x = torch.zeros(2, 3, loaded.image_size, loaded.image_size)
+    with torch.no_grad():
+        embedding, _ = module(x)
+    means = np.asarray(enrolled["means"])
+    scores = -0.5 * ((embedding.numpy()[:, None, :] - means[None]) ** 2).sum(-1)  # the documented score, var = 1
+    names, expected = class_scores(loaded, embedding.numpy())
+    assert names == enrolled["classes"]
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-3)
