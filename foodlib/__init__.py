@@ -29,6 +29,7 @@ _EXPORTS = {
     "embed": "foodlib.inference",
     "nearest_neighbours": "foodlib.inference",
     "export_model": "foodlib.inference",
+    "enroll": "foodlib.enroll",
     "run_suite": "foodlib.suite",
 }
 

@@ -39,6 +39,7 @@ class DataConfig:
     dishes_per_class: int = 300  # embedded dishes: train images per class (test gets a third)
     intra: float | None = None  # embedded dishes: intra-class variation 0..1 (None: generator default)
     inter: float | None = None  # embedded dishes: how different the recipes are 0..1 (None: default)
+    novel_classes: int | list | None = None  # hold out classes for open-set tests: a count (drawn with split_seed) or names
 
 
 @dataclass
@@ -204,6 +205,8 @@ class Config:
             raise ConfigError(
                 f"alpha={self.loss.alpha!r} is the center update rate of the {self.loss.loss} loss and must lie in (0, 1]"
             )
+        if isinstance(self.data.novel_classes, int) and self.data.novel_classes < 2:
+            raise ConfigError(f"novel_classes={self.data.novel_classes!r} must be >= 2 (a count) or a list of class names")
         if self.model.embedding_dim is not None and self.model.embedding_dim < 2:
             raise ConfigError(f"embedding_dim={self.model.embedding_dim!r} must be >= 2 (or None for the backbone's width)")
         self._validate_registry_names()
@@ -284,6 +287,22 @@ def _unknown(what: str, name: str, valid) -> str:
     return f"unknown {what} {name!r}{hint}"
 
 
+def _count_or_names(value: Any) -> int | list[str]:
+    """``3`` / ``"3"`` -> 3; ``["a", "b"]`` / ``"a,b"`` -> ["a", "b"]; anything else raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return int(text)
+        value = [part.strip() for part in text.strip("[]").split(",")]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return [str(v).strip() for v in value]
+    raise ValueError
+
+
 def _coerce(name: str, value: Any, leaf: dataclasses.Field) -> Any:
     """Convert strings from CLI / YAML / papermill to the field's type, with a clear error."""
     hint = leaf.type if isinstance(leaf.type, str) else getattr(leaf.type, "__name__", str(leaf.type))
@@ -293,6 +312,8 @@ def _coerce(name: str, value: Any, leaf: dataclasses.Field) -> Any:
             return None
         raise ConfigError(f"{name} must not be None (type {hint})")
     try:
+        if "list" in types:  # novel_classes: a count, or class names (a list, or "a,b" from the CLI)
+            return _count_or_names(value)
         if "bool" in types and "str" in types:  # pretrained: a flag or a path
             if isinstance(value, bool):
                 return value

@@ -386,6 +386,10 @@ def predict(
         raise ValueError(f"top_k={top_k} must be >= 1")
     run = _as_run(run_dir, checkpoint, device)
     result = _infer(run, collect_image_paths(paths), batch_size, progress, desc="predict")
+    if (run.run_dir / "enrolled.npz").is_file():  # dishes added by `foodlib enroll`, ranked with the run's own
+        from foodlib.enroll import with_enrolled
+
+        result = with_enrolled(run, result)
     result.top_k = top_k
     return result
 
@@ -606,6 +610,12 @@ def nearest_neighbours(
         raise ValueError(f"metric={metric!r} is not supported; choose one of {', '.join(METRICS)}")
     gallery_paths, gallery_feats = _split_features(run.run_dir, gallery, run.classes)
     gallery_embeddings = gallery_feats["embeddings"]  # (G, D)
+    gallery_labels, classes = gallery_feats["labels"], run.classes
+    if gallery == "train" and (run.run_dir / "enrolled.npz").is_file():  # enrolled dishes' photos join the gallery
+        from foodlib.enroll import add_enrolled_gallery
+
+        gallery_paths, gallery_embeddings, gallery_labels, classes = add_enrolled_gallery(
+            run, gallery_paths, gallery_embeddings, gallery_labels)
 
     skipped: dict[str, str] = {}
     if isinstance(queries, np.ndarray):
@@ -629,7 +639,7 @@ def nearest_neighbours(
     known = _known_classes(run.run_dir)
     query_classes = [known.get(p) if p is not None else None for p in query_paths]
     return Neighbours(query_paths, query_classes, query_predicted, indices.astype(np.int64),
-                      distances.astype(np.float32), gallery_paths, gallery_feats["labels"], run.classes, metric,
+                      distances.astype(np.float32), gallery_paths, gallery_labels, classes, metric,
                       run.image_size, skipped)
 
 
@@ -736,8 +746,13 @@ def export_metadata(run: InferenceRun) -> dict[str, str]:
         "num_classes": len(run.classes), "neighbour_metric": run.metric, "checkpoint": run.checkpoint,
         "run_dir": str(run.run_dir), "foodlib": foodlib.__version__, "torch": torch.__version__,
     }
-    return {"classes.json": json.dumps(run.classes), "preprocessing.json": json.dumps(preprocessing, indent=2),
-            "model.json": json.dumps(model, indent=2)}
+    texts = {"classes.json": json.dumps(run.classes), "preprocessing.json": json.dumps(preprocessing, indent=2),
+             "model.json": json.dumps(model, indent=2)}
+    if (run.run_dir / "enrolled.npz").is_file():  # dishes added by `foodlib enroll`: every class's mean, to score them
+        from foodlib.enroll import enrolled_metadata
+
+        texts.update(enrolled_metadata(run))
+    return texts
 
 
 def export_model(
@@ -852,7 +867,7 @@ def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, A
     >>> meta["preprocessing"]["image_size"], meta["classes"][:2]              # doctest: +SKIP
     (64, ['apple_pie', 'bibimbap'])
     """
-    extra = {"classes.json": "", "preprocessing.json": "", "model.json": ""}
+    extra = {"classes.json": "", "preprocessing.json": "", "model.json": "", "enrolled.json": ""}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

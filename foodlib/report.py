@@ -37,6 +37,13 @@ from foodlib.runfolder import is_retired
 #: test-split metrics of the summary table, in column order, with their labels.
 TABLE_METRICS = {"top1": "top-1", "top5": "top-5", "fisher_ratio": "Fisher ratio", "silhouette": "silhouette",
                  "knn_top1": "kNN top-1"}
+#: open-set columns (runs with novel_classes): the held-out pool's numbers (``novel_*``) and the same
+#: retrieval numbers on the known classes' test split, with their labels.
+OPENSET_METRICS = {"novel_precision_at_1": "novel P@1", "novel_r_precision": "novel R-Prec", "novel_map_at_r":
+                   "novel MAP@R", "novel_recall_at_4": "novel R@4", "novel_shot1_mean": "novel 1-shot",
+                   "novel_shot5_mean": "novel 5-shot", "novel_roc_auc": "novel ROC AUC",
+                   "novel_tar_at_far_0.01": "novel TAR@1e-2", "precision_at_1": "known P@1", "map_at_r": "known MAP@R"}
+OPENSET_PAIRED = ("novel_map_at_r", "novel_shot5_mean")  # paired against the baseline, as top-1 is
 LOSS_ORDER = ("softmax", "center", "lgm", "island")  # report order when no suite.json says otherwise
 #: Config fields shown in the report's setup line when all runs share them.
 SETUP_FIELDS = ("data", "dishes_classes", "dishes_per_class", "backbone", "embedding_dim", "pretrained", "image_size",
@@ -82,6 +89,9 @@ def collect_runs(suite_dir: str | Path, split: str = "test") -> list[dict[str, A
         boot = metrics.get(split, {}).get("top1_ci")
         if isinstance(boot, list) and len(boot) == 2:  # bootstrap interval over this run's test images
             row["top1_boot_low"], row["top1_boot_high"] = boot
+        for key, value in metrics.get("novel", {}).items():  # open-set pool (novel_classes), when the run has one
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[f"novel_{key}"] = value
         row["val_top1"] = metrics.get("val", {}).get("top1")
         row["best_epoch"] = metrics.get("best_epoch")
         row["train_seconds"] = metrics.get("train_seconds")
@@ -211,7 +221,7 @@ def markdown_table(table: list[dict[str, Any]], metrics: Sequence[str] = tuple(T
     |---|---:|---:|
     | softmax | 1 | 0.700 |
     """
-    header = ["variant", "seeds"] + [TABLE_METRICS.get(m, m) for m in metrics]
+    header = ["variant", "seeds"] + [{**TABLE_METRICS, **OPENSET_METRICS}.get(m, m) for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for entry in table:
         cells = [entry["variant"], str(entry["n"])]
@@ -415,6 +425,7 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
         lines += ["", f"## Against {baseline}: {split} top-1, paired by seed", "", markdown_paired(paired), ""]
         lines.append("Difference = variant - baseline on the same seeds, with a paired t interval and p-value "
                      "(needs at least 2 seeds).")
+    lines += openset_section(rows, baseline, suite_dir)
     lines += ["", "## Figures", ""]
     one_seed = all(e["n"] == 1 for e in table)
     captions = {"accuracy_ci": f"{split.capitalize()} top-1 with the bootstrap 95% CI over {split} images (one seed)"
@@ -437,6 +448,68 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
         for key, path in figures.items():
             shutil.copyfile(path, copy_dir / f"{name}_{key}.png")
     return report
+
+
+def novel_umap_grid_figure(rows: list[dict[str, Any]]) -> Figure | None:
+    """UMAP of the held-out dishes as each variant embeds them (its lowest seed), known test images grey behind.
+
+    Uses each run's ``novel_features.npz`` and ``features.npz`` (and the run's ``umap_novel.npz``
+    cache, which the run's own ``figures/novel_umap.png`` filled). None when no run held classes out.
+    """
+    from foodlib.features import load_features
+    from foodlib.openset import novel_umap
+
+    chosen = []
+    for variant in _variants(rows):
+        members = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+        run = next((r for r in members if (r["run_dir"] / "novel_features.npz").is_file()
+                    and (r["run_dir"] / "features.npz").is_file()), None)
+        if run is not None:
+            chosen.append(run)
+    if not chosen:
+        return None
+    fig = Figure(figsize=(5.2 * len(chosen), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, run in zip(axes, chosen):
+        novel, known = load_features(run["run_dir"] / "novel_features.npz"), load_features(run["run_dir"] / "features.npz")
+        split = "test" if "test" in known else "val"
+        score = f", MAP@R {run['novel_map_at_r']:.3f}" if _finite(run.get("novel_map_at_r")) else ""
+        novel_umap(known[split]["embeddings"], novel["novel"]["embeddings"], novel["novel"]["labels"],
+                   novel["classes"], ax=ax, cache_path=run["run_dir"] / "umap_novel.npz",
+                   title=f"{run['variant']} (seed {run['seed']}{score})")
+        if ax is not axes[-1]:
+            ax.get_legend().remove()  # one legend, on the last panel: the dishes are the same in every panel
+    fig.suptitle("held-out dishes (colours), never trained on, over the known classes' test images (grey)", fontsize=10)
+    return fig
+
+
+def openset_section(rows: list[dict[str, Any]], baseline: str, suite_dir: str | Path | None = None) -> list[str]:
+    """Report lines for runs with held-out classes: open-set table, and MAP@R / 5-shot paired with the baseline.
+
+    Empty when no run held classes out (``novel_classes``). With ``suite_dir``, also draws
+    ``figures/novel_umap_grid.png`` (:func:`novel_umap_grid_figure`) and links it.
+    """
+    if not any("novel_map_at_r" in r for r in rows):
+        return []
+    metrics = [m for m in OPENSET_METRICS if any(m in r for r in rows)]
+    lines = ["", "## Open set: held-out dishes, mean [95% CI] over seeds", "",
+             markdown_table(summary_table(rows, metrics), metrics), "",
+             "novel: all images of the classes held out of training and val (novel_classes), each retrieving the "
+             "others (Musgrave et al. 2020: P@1, R-Precision, MAP@R; R@4: a same-dish image among the 4 nearest); "
+             "k-shot: nearest-class-mean accuracy over random episodes; ROC AUC and TAR at FAR 1e-2 over same / "
+             "different-dish pairs. known: the same retrieval on the trained classes' test split. "
+             "Distances in each loss's geometry (Euclidean)."]
+    for metric in OPENSET_PAIRED:
+        paired = paired_vs_baseline(rows, baseline, metric=metric)
+        if paired:
+            lines += ["", f"### Against {baseline}: {OPENSET_METRICS[metric]}, paired by seed", "",
+                      markdown_paired(paired)]
+    figure = novel_umap_grid_figure(rows) if suite_dir is not None else None
+    if figure is not None:
+        path = P.save_figure(figure, Path(suite_dir) / "figures" / "novel_umap_grid.png")
+        caption = "UMAP of the held-out dishes as each loss embeds them (known classes grey)"
+        lines += ["", f"![{caption}]({path.relative_to(Path(suite_dir)).as_posix()})", f"*{caption}*"]
+    return lines
 
 
 def _setup_line(rows: list[dict[str, Any]]) -> str:

@@ -662,6 +662,9 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
 
             metrics = analyse_run(run_dir, model, loss, data, cfg, metrics, device=device, figures=cfg.train.figures,
                                   trace=trace, progress=progress)
+            from foodlib.openset import evaluate_openset  # novel_classes: held-out pool and retrieval numbers
+
+            metrics = evaluate_openset(run_dir, model, loss, data, cfg, metrics, device=device, progress=progress)
         metrics["wall_seconds"] = round(time.time() - t_start, 2)
         atomic_write_json(run_dir / "metrics.json", metrics)
         log(f"done: {run_dir} " + " ".join(

@@ -1,5 +1,13 @@
 # ---
 # jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -37,7 +45,8 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Image, Markdown, display
 
-from foodlib.report import collect_runs, markdown_paired, markdown_table, paired_vs_baseline, summary_table, write_report
+from foodlib.report import (collect_runs, markdown_paired, markdown_table, openset_section, paired_vs_baseline,
+                            summary_table, write_report)
 
 rows = collect_runs(suite_dir)
 if not rows:
@@ -57,6 +66,15 @@ display(Markdown(markdown_table(summary_table(rows))))
 
 # %%
 display(Markdown(markdown_paired(paired_vs_baseline(rows, baseline))))
+
+# %% [markdown]
+# ## Open set: held-out dishes
+# Only for suites whose runs hold classes out (`novel_classes`): retrieval (MAP@R, R-Precision,
+# P@1, Recall@K), k-shot and verification numbers of the dishes never trained on, and MAP@R /
+# 5-shot accuracy paired with the baseline by seed. Empty otherwise.
+
+# %%
+display(Markdown("\n".join(openset_section(rows, baseline)) or "(no run held classes out)"))
 
 # %% [markdown]
 # ## Report and figures

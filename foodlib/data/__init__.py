@@ -19,10 +19,11 @@ from foodlib.data.augment import cache_side
 from foodlib.data.cache import BatchLoader, DecodedImages, ImageSource, build_cache, default_cache_dir
 from foodlib.data.folders import ClassMismatchError, DatasetIndex, Split, carve_val, index_image_folder, limit_per_class
 from foodlib.data.food101 import index_food101, is_food101_root
+from foodlib.data.novel import NOVEL_SPLIT, hold_out_classes
 
 __all__ = [
-    "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource", "Split",
-    "build_cache", "load_data", "resolve_data_root", "index_dataset",
+    "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource",
+    "Split", "build_cache", "load_data", "resolve_data_root", "index_dataset", "index_dataset_and_novel",
 ]
 
 
@@ -38,6 +39,7 @@ class Data:
     side: int  # stored square side; the network sees a crop of cfg.image_size
     sources: dict[str, ImageSource] = field(default_factory=dict)
     bad_files: dict[str, str] = field(default_factory=dict)  # path -> reason, dropped
+    novel: DatasetIndex | None = None  # held-out classes (novel_classes): one split "novel", never trained on
 
     @property
     def classes(self) -> list[str]:
@@ -48,6 +50,8 @@ class Data:
         return self.index.num_classes
 
     def labels(self, split: str) -> np.ndarray:
+        if split == NOVEL_SPLIT and self.novel is not None:
+            return self.novel.splits[NOVEL_SPLIT].labels  # indices into novel.classes, not classes
         return self.index.splits[split].labels
 
     def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, **kw) -> BatchLoader:
@@ -85,14 +89,27 @@ def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
 
 
 def index_dataset(cfg) -> DatasetIndex:
-    """Index the configured data, limit train per class, and carve val (deterministic in split_seed)."""
+    """Index the configured data, limit train per class, and carve val (deterministic in split_seed).
+
+    With ``novel_classes`` set, the held-out classes are gone from this index (see
+    :func:`index_dataset_and_novel` for their pool).
+    """
+    return index_dataset_and_novel(cfg)[0]
+
+
+def index_dataset_and_novel(cfg) -> tuple[DatasetIndex, DatasetIndex | None]:
+    """The known classes' index (as :func:`index_dataset`) and the held-out classes' pool (None without them)."""
     kind, root = resolve_data_root(cfg.data.data, cfg)
     index = index_food101(root) if kind == "food101" else index_image_folder(root)
+    novel = None
+    novel_classes = getattr(cfg.data, "novel_classes", None)
+    if novel_classes is not None:  # before limiting and carving val: held-out classes never reach train or val
+        index, novel = hold_out_classes(index, novel_classes, cfg.data.split_seed)
     if cfg.data.limit_per_class:
         splits = dict(index.splits)
         splits["train"] = limit_per_class(splits["train"], cfg.data.limit_per_class, cfg.data.split_seed)
         index = DatasetIndex(index.root, index.classes, splits)
-    return carve_val(index, cfg.data.val_fraction, cfg.data.split_seed)
+    return carve_val(index, cfg.data.val_fraction, cfg.data.split_seed), novel
 
 
 def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> Data:
@@ -102,9 +119,10 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
         BadFilesError: unreadable files with ``bad_files="fail"`` (the message lists them).
         EmptyClassError: a class has no usable training image.
     """
-    index = index_dataset(cfg)
+    index, novel = index_dataset_and_novel(cfg)
     side = cache_side(cfg.data.image_size)
-    all_paths = sorted({p for split in index.splits.values() for p in split.paths})
+    all_paths = sorted({p for part in (index, novel) if part is not None for split in part.splits.values()
+                        for p in split.paths})
     if cfg.data.cache:
         decoded = build_cache(all_paths, side, cfg.data.cache_dir, progress=progress)
         errors = dict(decoded.errors)
@@ -120,9 +138,10 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
         )
     if errors:
         index = index.drop(set(errors))
+        novel = novel.drop(set(errors)) if novel is not None else None
     _check_every_class_trains(index, errors)
     if run_dir is not None:
-        _write_run_files(Path(run_dir), index, errors)
+        _write_run_files(Path(run_dir), index, errors, novel)
 
     rows = {p: i for i, p in enumerate(all_paths)}
     sources = {}
@@ -131,7 +150,11 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> 
         sources[name] = ImageSource(split.paths, side, decoded, split_rows if decoded is not None else None)
         if run_dir is not None and decoded is None:
             sources[name].skip_log = str(Path(run_dir) / "bad_files.txt")  # files that vanish mid-run
-    return Data(index, side, sources, errors)
+    if novel is not None:
+        pool = novel.splits[NOVEL_SPLIT]
+        pool_rows = np.asarray([rows[p] for p in pool.paths], dtype=np.int64)
+        sources[NOVEL_SPLIT] = ImageSource(pool.paths, side, decoded, pool_rows if decoded is not None else None)
+    return Data(index, side, sources, errors, novel)
 
 
 class EmptyClassError(ValueError):
@@ -174,10 +197,14 @@ def _report_errors(report) -> dict[str, str]:
             for problem in report.errors if problem.path}
 
 
-def _write_run_files(run_dir: Path, index: DatasetIndex, errors: dict[str, str]) -> None:
+def _write_run_files(run_dir: Path, index: DatasetIndex, errors: dict[str, str],
+                     novel: DatasetIndex | None = None) -> None:
     from foodlib.io import atomic_write_json, atomic_write_text
 
     index.write_split_files(run_dir)
     atomic_write_json(run_dir / "classes.json", index.classes)
+    if novel is not None:  # splits/novel.txt (path<TAB>class) and the held-out class names
+        novel.write_split_files(run_dir)
+        atomic_write_json(run_dir / "novel_classes.json", novel.classes)
     if errors:
         atomic_write_text(run_dir / "bad_files.txt", "".join(f"{p}\t{why}\n" for p, why in sorted(errors.items())))
