@@ -107,6 +107,11 @@ def reanalyse(run_dir, figures: bool = True) -> dict[str, Any]:
             trace = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
     if figures:
         make_run_figures(run_dir, features, classes, trace)
+        if (run_dir / "novel_features.npz").is_file():  # held-out dishes: their UMAP and retrieval grid too
+            from foodlib.openset import make_openset_figures  # imports inference (torch) only for such runs
+            from foodlib.config import Config
+
+            make_openset_figures(run_dir, Config.from_yaml(run_dir / "config.yaml").data.image_size)
     from foodlib.io import atomic_write_json
 
     atomic_write_json(run_dir / "metrics.json", metrics)
