@@ -34,7 +34,7 @@ from foodlib import plots as P
 #: test-split metrics of the summary table, in column order, with their labels.
 TABLE_METRICS = {"top1": "top-1", "top5": "top-5", "fisher_ratio": "Fisher ratio", "silhouette": "silhouette",
                  "knn_top1": "kNN top-1"}
-LOSS_ORDER = ("softmax", "center", "lgm", "island")  # report order when no suite.json says otherwise
+LOSS_ORDER = ("softmax", "center", "lgm", "island", "contrastive_center", "cosface", "arcface")  # report order when no suite.json says otherwise; pml:<LossName> runs follow
 #: Config fields shown in the report's setup line when all runs share them.
 SETUP_FIELDS = ("data", "dishes_classes", "dishes_per_class", "backbone", "embedding_dim", "pretrained", "image_size",
                 "epochs", "batch_size", "optimizer", "lr", "augment")

@@ -88,6 +88,9 @@ def check_pml_name(name: str) -> None:
 def create_pml_loss(name: str, embedding_dim: int, num_classes: int) -> "PMLLoss":
     """Build :class:`PMLLoss` from its registry name ``pml:<LossName>[?option=value&...]``."""
     class_name, options = parse_pml_name(name)
+    reserved = sorted(set(options) & {"embedding_dim", "num_classes", "class_name", "embedding_size", "descriptors_dim"})
+    if reserved:
+        raise ValueError(f"loss {name!r}: {', '.join(reserved)} come from the model and the data; drop them from the name")
     return PMLLoss(embedding_dim, num_classes, class_name, **options)
 
 
