@@ -232,3 +232,19 @@ def test_fit_pml_pair_and_proxy_losses_on_dishes_with_class_balanced_batches(tmp
         assert (state["class_counts"] > 0).all()  # every class was seen
     model, loss, _, _ = load_run(tmp_path / "run")
     assert torch.equal(loss.state_dict()[key], load_checkpoint(tmp_path / "run" / "best.pt")["loss"][key])
+
+
+@pytest.mark.parametrize("name", [PAIR, PROXY])
+def test_exported_module_traces_pml_predictions(name):
+    from foodlib.inference import InferenceModule, trace_module
+    from foodlib.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("smallcnn", embedding_dim=8)
+    loss = create_loss(name, 8, 3)
+    loss.update_centers(torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2]))  # a no-op for the proxy loss
+    module = InferenceModule(model, loss).eval()
+    traced = trace_module(module, 32, check=False)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x)[1], loss.predict(model(x)))
