@@ -248,3 +248,22 @@ def test_exported_module_traces_pml_predictions(name):
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(traced(x)[1], loss.predict(model(x)))
+
+
+@pytest.mark.slow  # two torchrun processes on the CPU, ~1 min
+def test_torchrun_two_processes_with_a_pair_loss_keep_the_class_means_in_sync(tmp_path):
+    """``foodlib train`` under torchrun (2 CPU processes, gloo) with a pml pair loss and balanced
+    batches: training finishes (fit's check_in_sync compares every rank's state at the end), both
+    ranks hold bitwise identical class means, and every class was seen by the all-reduced means."""
+    import foodlib.distributed as D
+    from foodlib.distributed import launch
+
+    cfg = Config.from_flat(data="dishes", dishes_classes=4, dishes_per_class=30, image_size=32, backbone="smallcnn",
+                           epochs=1, batch_size=16, workers=0, quiet=True, loss=PAIR, augment="none", features=False,
+                           figures=False, out=str(tmp_path / "two"), cache_dir=str(tmp_path / "cache"))
+    metrics = launch(cfg, nproc_per_node=2, timeout=300, env={D.RANK_STATE_DIR_ENV: str(tmp_path / "states")})
+    rank0, rank1 = (torch.load(tmp_path / "states" / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for key in ("class_sums", "class_counts"):
+        assert torch.equal(rank0["loss"][key], rank1["loss"][key]), key
+    assert (rank0["loss"]["class_counts"] > 0).all()
+    assert metrics["test"]["n"] > 0
