@@ -267,3 +267,21 @@ def test_torchrun_two_processes_with_a_pair_loss_keep_the_class_means_in_sync(tm
         assert torch.equal(rank0["loss"][key], rank1["loss"][key]), key
     assert (rank0["loss"]["class_counts"] > 0).all()
     assert metrics["test"]["n"] > 0
+
+
+def test_suites_plan_the_new_losses_with_their_options():
+    from foodlib.suite import load_suite, plan_suite
+
+    spec = load_suite("""
+name: family
+base: {data: dishes, dishes_classes: 3, dishes_per_class: 30, image_size: 32, backbone: smallcnn, epochs: 1, batch_size: 8}
+losses: [softmax, cosface, arcface, contrastive_center, "pml:TripletMarginLoss?margin=0.2&miner=TripletMarginMiner"]
+loss_params:
+  softmax: {label_smoothing: 0.1}
+  cosface: {scale: 30}
+  arcface: {margin: 2.0}
+""")
+    runs = {run.name: run for run in plan_suite(spec)}
+    assert runs["softmax-s0"].config.loss.label_smoothing == 0.1 and runs["cosface-s0"].config.loss.scale == 30
+    assert runs["pml:TripletMarginLoss?margin=0.2&miner=TripletMarginMiner-s0"].error is None
+    assert "ArcFaceLoss: margin must be a number in [0.0, 1.57" in runs["arcface-s0"].error  # the loss's own check
