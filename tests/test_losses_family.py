@@ -313,3 +313,13 @@ def test_docstring_examples_run():
     for module in (arcface_module, contrastive_center_module, cosface_module, softmax_module):
         result = doctest.testmod(module, extraglobs={"torch": torch})
         assert result.failed == 0, module.__name__
+
+
+def test_every_loss_names_the_metric_its_embedding_is_trained_for():
+    from foodlib.inference import TRAINED_METRICS, trained_metric
+    from foodlib.losses import list_losses
+
+    assert set(list_losses()) <= set(TRAINED_METRICS)
+    assert trained_metric("cosface") == trained_metric("arcface") == "cosine"  # normalised features
+    assert trained_metric("contrastive_center") == "euclidean"
+    assert trained_metric("pml:MultiSimilarityLoss") == "cosine"
