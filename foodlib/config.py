@@ -51,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    loss: str = "softmax"  # softmax | center | lgm | island
+    loss: str = "softmax"  # softmax | center | lgm | island | contrastive_center | cosface | arcface | pml:<LossName>[?k=v&...]
     lam: float | None = None  # weight of the center / likelihood term (None: the loss's default)
     alpha: float | None = None  # center update rate (center, island) or L-GM margin (None: default)
     update: str = "paper"  # center update: paper (Algorithm 1, rate alpha) | sgd (own learning rate)
@@ -60,6 +60,11 @@ class LossConfig:
     lam_island: float | None = None  # island loss: weight of the center-separation term
     alpha_warmup_epochs: int = 0  # L-GM: ramp the margin from 0.1*alpha to alpha over this many epochs
     lam_warmup_epochs: int = 0  # ramp lam linearly from 0 over this many epochs (0: no warm-up)
+    # Options below are validated by the loss itself (foodlib.losses.check_loss_options); None: its default.
+    margin: float | None = None  # cosface / arcface margin m (None: the papers' 0.35 / 0.5 rad)
+    scale: float | None = None  # cosface / arcface scale s of the cosines (None: the papers' 64)
+    delta: float | None = None  # contrastive_center: constant in the ratio's denominator (None: 1, the paper's)
+    label_smoothing: float | None = None  # softmax: target mass spread over all classes, [0, 1) (None: 0, off)
 
 
 @dataclass
@@ -92,6 +97,7 @@ class TrainConfig:
     eval_test: bool = True  # evaluate the test split from the best checkpoint at the end
     features: bool = True  # extract embeddings + logits for every split into features.npz
     figures: bool = True  # write figures (UMAP, curves, confusion) to the run's figures/
+    samples_per_class: int | None = None  # class-balanced batches of m images per class (None: what the loss asks; 0: off)
 
 
 @dataclass
@@ -207,6 +213,10 @@ class Config:
             )
         if isinstance(self.data.novel_classes, int) and self.data.novel_classes < 2:
             raise ConfigError(f"novel_classes={self.data.novel_classes!r} must be >= 2 (a count) or a list of class names")
+        if self.train.samples_per_class is not None and not (
+                self.train.samples_per_class == 0 or 2 <= self.train.samples_per_class <= self.train.batch_size):
+            raise ConfigError(f"samples_per_class={self.train.samples_per_class!r} must be 0 (plain shuffled batches) "
+                              f"or between 2 and batch_size={self.train.batch_size}")
         if self.model.embedding_dim is not None and self.model.embedding_dim < 2:
             raise ConfigError(f"embedding_dim={self.model.embedding_dim!r} must be >= 2 (or None for the backbone's width)")
         self._validate_registry_names()
@@ -217,13 +227,20 @@ class Config:
         Imported here, not at module level: the registries pull in torch, and the config module
         stays light for code that only reads or writes YAML.
         """
-        from foodlib.losses import list_losses
+        from foodlib.losses import check_loss_options, is_pml_name, list_losses
         from foodlib.models import list_models
 
-        if self.loss.loss not in list_losses():
+        if self.loss.loss not in list_losses() and not is_pml_name(self.loss.loss):
             raise ConfigError(
-                f"loss={self.loss.loss!r} is not a registered loss; choose one of {list_losses()}"
+                f"loss={self.loss.loss!r} is not a registered loss; choose one of {list_losses()} "
+                "or pml:<LossName>[?option=value&...] for a pytorch-metric-learning loss"
             )
+        given = {name: self.get(name) for name in LOSS_DECLARED_OPTIONS if self.get(name) is not None}
+        if given or is_pml_name(self.loss.loss):
+            try:  # the loss is the source of truth for these options: its constructor validates them
+                check_loss_options(self.loss.loss, **given)
+            except ValueError as error:
+                raise ConfigError(f"loss={self.loss.loss!r}: {error}") from None
         backbone = self.model.backbone
         if backbone not in list_models() and not (backbone.startswith("timm/") and len(backbone) > len("timm/")):
             raise ConfigError(
@@ -235,6 +252,11 @@ class Config:
         section, _ = self.field_index()[name]
         return getattr(getattr(self, section), name)
 
+
+#: LossConfig fields whose valid values the loss declares (checked by building it, see
+#: ``_validate_registry_names``); they have no entry in _RANGES / _CHOICES. Setting one for a loss
+#: that does not take it is an error. train.loss_kwargs forwards them.
+LOSS_DECLARED_OPTIONS = ("margin", "scale", "delta", "label_smoothing")
 
 _CHOICES = {
     "bad_files": {"skip", "fail"},
@@ -267,6 +289,7 @@ _RANGES = [  # (field, low, high), inclusive
     ("batch_size", 1, 10**6),
     ("workers", 0, 256),
     ("threads", 1, 1024),
+    ("samples_per_class", 0, 10**6),
 ]
 
 

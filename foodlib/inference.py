@@ -55,6 +55,10 @@ __all__ = [
 #: Softmax trains no metric; Euclidean is the common default and ``metric="cosine"`` the usual
 #: alternative for its features.
 TRAINED_METRICS = {"softmax": "euclidean", "center": "euclidean", "lgm": "euclidean", "island": "euclidean"}
+#: Contrastive-center loss pulls by squared Euclidean distance; CosFace and ArcFace normalise the
+#: features and train angles; pytorch-metric-learning losses (``pml:...``) mostly compare unit-length
+#: embeddings (their default distances normalise), so cosine ranks their neighbours.
+TRAINED_METRICS.update({"contrastive_center": "euclidean", "cosface": "cosine", "arcface": "cosine"})
 METRICS = ("euclidean", "cosine")
 EXPORT_FORMATS = ("torchscript", "onnx")
 
@@ -65,6 +69,8 @@ def trained_metric(loss_name: str) -> str:
     >>> trained_metric("center")
     'euclidean'
     """
+    if str(loss_name).startswith("pml:"):
+        return "cosine"
     return TRAINED_METRICS.get(loss_name, "euclidean")
 
 

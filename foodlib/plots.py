@@ -46,7 +46,7 @@ LEGEND_MAX_CLASSES = 20  # above this a legend is a wall of text: names are writ
 SAVE_DPI = 150  # sharp on screens and in PDFs, PNGs stay well under 1 MB
 _MARKER_SHAPES = ("o", "s", "^", "D", "v", "P")  # one shape per lightness band of the palette
 _SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
-KNOWN_LOSS_TERMS = ("ce", "center", "island", "lkd")  # term columns foodlib's losses write to trace.csv
+KNOWN_LOSS_TERMS = ("ce", "center", "island", "lkd", "contrastive_center", "pml")  # term columns foodlib's losses write to trace.csv
 
 
 # -- UMAP --------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def training_curves(trace, terms: Sequence[str] | None = None, title: str | None
     Args:
         trace: rows of ``trace.csv``: a list of dicts, a dict of columns, or a pandas DataFrame.
             Needs columns ``epoch``, ``split`` (train / val), ``loss`` and ``top1``; optional term
-            columns (``ce``, ``center``, ``island``, ``lkd``) get their own panel.
+            columns (``ce``, ``center``, ``island``, ``lkd``, ``contrastive_center``, ``pml``) get their own panel.
         terms: which term columns to plot; ``None`` takes those of ``KNOWN_LOSS_TERMS`` present.
         title: figure title.
         n_classes: the number of classes; top-5 is drawn only above 5 classes (with 5 or fewer it

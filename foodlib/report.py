@@ -44,7 +44,7 @@ OPENSET_METRICS = {"novel_precision_at_1": "novel P@1", "novel_r_precision": "no
                    "novel_shot5_mean": "novel 5-shot", "novel_roc_auc": "novel ROC AUC",
                    "novel_tar_at_far_0.01": "novel TAR@1e-2", "precision_at_1": "known P@1", "map_at_r": "known MAP@R"}
 OPENSET_PAIRED = ("novel_map_at_r", "novel_shot5_mean")  # paired against the baseline, as top-1 is
-LOSS_ORDER = ("softmax", "center", "lgm", "island")  # report order when no suite.json says otherwise
+LOSS_ORDER = ("softmax", "center", "lgm", "island", "contrastive_center", "cosface", "arcface")  # report order when no suite.json says otherwise; pml:<LossName> runs follow
 #: Config fields shown in the report's setup line when all runs share them.
 SETUP_FIELDS = ("data", "dishes_classes", "dishes_per_class", "backbone", "embedding_dim", "pretrained", "image_size",
                 "epochs", "batch_size", "optimizer", "lr", "augment")

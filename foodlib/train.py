@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
-from foodlib.config import Config, ConfigError
+from foodlib.config import LOSS_DECLARED_OPTIONS, Config, ConfigError
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, train_transform
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
@@ -164,7 +164,16 @@ def loss_kwargs(cfg: Config) -> dict[str, Any]:
     c = cfg.loss
     kw = dict(lam=c.lam, alpha=c.alpha, update=c.update, covariance=c.covariance, lam_island=c.lam_island,
               alpha_warmup_epochs=c.alpha_warmup_epochs, lam_warmup_epochs=c.lam_warmup_epochs)
+    kw.update({name: getattr(c, name) for name in LOSS_DECLARED_OPTIONS})  # validated by the loss itself
     return {k: v for k, v in kw.items() if v is not None}
+
+
+def class_balance(cfg: Config, loss: DiscriminativeLoss) -> int:
+    """Images per class in each training batch: the config's ``samples_per_class``, else what the
+    loss asks for (``loss.samples_per_class``, e.g. 4 for pml pair losses); 0 means plain shuffling."""
+    if cfg.train.samples_per_class is not None:
+        return cfg.train.samples_per_class
+    return int(getattr(loss, "samples_per_class", 0) or 0)
 
 
 def build_model_and_loss(cfg: Config, num_classes: int) -> tuple[EmbeddingNet, DiscriminativeLoss]:
@@ -494,6 +503,15 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     cuda = device.type == "cuda"
     loader_kw = dict(workers=loader_workers(cfg, device), pin_memory=cuda, rank=info.rank, world_size=info.world_size)
     train_loader = data.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, **loader_kw)
+    samples_per_class = class_balance(cfg, loss)
+    if samples_per_class:  # pair / triplet losses: m images per class in every batch (and on every rank)
+        from foodlib.data.balanced import BalancedBatchLoader
+
+        try:
+            train_loader = BalancedBatchLoader(data.sources["train"], data.labels("train"), cfg.train.batch_size,
+                                               samples_per_class, seed=cfg.train.seed, **loader_kw)
+        except ValueError as error:
+            raise ConfigError(f"loss={cfg.loss.loss!r}: {error}") from None
     val_split = "val" if "val" in data.index.splits and len(data.index.splits["val"]) else None
     val_loader = data.loader(val_split, cfg.train.batch_size, shuffle=False, **loader_kw) if val_split else None
     steps_per_epoch = len(train_loader)

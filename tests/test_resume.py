@@ -53,7 +53,11 @@ def trace_numbers(rows):
 @pytest.mark.parametrize("overrides", [
     dict(loss="center", update="sgd", lam=0.05, lam_warmup_epochs=2, optimizer="sgd", lr=0.05, warmup_epochs=0.5),
     pytest.param(dict(loss="lgm", alpha_warmup_epochs=2, augment="strong"), marks=pytest.mark.slow),
-], ids=["center-sgd-warmups", "lgm-margin-warmup"])
+    # contrastive-center: centers in their own SGD group; pml pair loss: class-balanced batches and
+    # the class means (decayed sums and counts) in the loss's state dict
+    pytest.param(dict(loss="contrastive_center", lam_warmup_epochs=2), marks=pytest.mark.slow),
+    pytest.param(dict(loss="pml:MultiSimilarityLoss"), marks=pytest.mark.slow),
+], ids=["center-sgd-warmups", "lgm-margin-warmup", "contrastive-center", "pml-pair-balanced"])
 def test_run_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path, monkeypatch, overrides):
     overrides = dict(epochs=2, dishes_per_class=20, features=False, **overrides)
     uninterrupted = fit(tiny_config(tmp_path / "a", **overrides))

@@ -1,7 +1,7 @@
 """Discriminative losses behind one contract, and a registry to build them by name.
 
 >>> list_losses()
-['center', 'island', 'lgm', 'softmax']
+['arcface', 'center', 'contrastive_center', 'cosface', 'island', 'lgm', 'softmax']
 >>> loss = create_loss("center", embedding_dim=2, num_classes=10, lam=0.01)
 >>> type(loss).__name__, loss.term_names
 ('CenterLoss', ('ce', 'center'))
@@ -10,21 +10,29 @@
 SoftmaxLoss(
   (classifier): Linear(in_features=2, out_features=10, bias=True)
 )
+>>> # any pytorch-metric-learning loss, by name (optional extra: pip install 'foodlib[pml]')
+>>> type(create_loss("pml:MultiSimilarityLoss?alpha=2", embedding_dim=8, num_classes=10)).__name__
+'PMLLoss'
 """
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
+from .arcface import ArcFaceLoss
 from .base import DiscriminativeLoss, LossOutput
 from .center import CenterLoss
+from .contrastive_center import ContrastiveCenterLoss
+from .cosface import CosFaceLoss
 from .island import IslandLoss
 from .lgm import LGMLoss
+from .pml import PML_PREFIX, PMLLoss, create_pml_loss, is_pml_name
 from .softmax import SoftmaxLoss
 
 __all__ = [
     "CenterLoss", "DiscriminativeLoss", "IslandLoss", "LGMLoss", "LossOutput", "SoftmaxLoss",
     "create_loss", "list_losses", "loss_options",
+    "ArcFaceLoss", "ContrastiveCenterLoss", "CosFaceLoss", "PMLLoss", "check_loss_options",
 ]
 
 _LOSSES: dict[str, type[DiscriminativeLoss]] = {
@@ -32,11 +40,14 @@ _LOSSES: dict[str, type[DiscriminativeLoss]] = {
     "center": CenterLoss,
     "lgm": LGMLoss,
     "island": IslandLoss,
+    "contrastive_center": ContrastiveCenterLoss,
+    "cosface": CosFaceLoss,
+    "arcface": ArcFaceLoss,
 }
 
 
 def list_losses() -> list[str]:
-    """Names accepted by :func:`create_loss`, sorted."""
+    """Names accepted by :func:`create_loss`, sorted; ``pml:<LossName>`` names come on top of these."""
     return sorted(_LOSSES)
 
 
@@ -44,7 +55,8 @@ def _loss_class(name: str) -> type[DiscriminativeLoss]:
     try:
         return _LOSSES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(list_losses())}") from None
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(list_losses())}, "
+                         f"or {PML_PREFIX}<LossName> for a pytorch-metric-learning loss") from None
 
 
 def loss_options(name: str) -> tuple[str, ...]:
@@ -52,7 +64,11 @@ def loss_options(name: str) -> tuple[str, ...]:
 
     >>> loss_options("lgm")[:3]
     ('lam', 'alpha', 'covariance')
+
+    A ``pml:`` name takes its options inside the name, so it has none here.
     """
+    if is_pml_name(name):
+        return ()
     signature = inspect.signature(_loss_class(name).__init__)
     return tuple(p for p in signature.parameters if p not in ("self", "embedding_dim", "num_classes"))
 
@@ -81,7 +97,10 @@ def create_loss(name: str, embedding_dim: int, num_classes: int, *, strict: bool
     >>> create_loss("lgm", embedding_dim=2, num_classes=5, covariance="diagonal").log_var.shape
     torch.Size([5, 2])
     """
-    loss_class = _loss_class(name)
+    if is_pml_name(name):
+        loss_class = lambda d, c, **_: create_pml_loss(name, d, c)  # noqa: E731 - options live in the name
+    else:
+        loss_class = _loss_class(name)
     accepted = loss_options(name)
     given = {key: value for key, value in options.items() if value is not None}
     unknown = sorted(set(given) - set(accepted))
@@ -94,3 +113,18 @@ def create_loss(name: str, embedding_dim: int, num_classes: int, *, strict: bool
         )
     kept = {key: value for key, value in given.items() if key in accepted}
     return loss_class(embedding_dim, num_classes, **kept)
+
+
+def check_loss_options(name: str, **options: Any) -> None:
+    """Validate ``options`` against loss ``name``'s own declaration; raise a one-line ValueError.
+
+    The loss is the source of truth for its options: this builds it on a tiny head (D=2, C=2) so
+    its constructor's checks run, e.g. for a config before any data loads. An option the loss
+    does not take is an error (options given as ``None`` mean "the loss's default" and are skipped).
+
+    >>> check_loss_options("cosface", margin=0.2, scale=30)
+    >>> check_loss_options("softmax", margin=0.2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: create_loss('softmax'): unexpected option(s) margin=0.2; 'softmax' takes label_smoothing. ...
+    """
+    create_loss(name, embedding_dim=2, num_classes=2, strict=True, **options)
