@@ -13,6 +13,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "umap": "umap-learn", "yaml": "pyyaml",
+                "pytorch_metric_learning": "pytorch-metric-learning",
                 "IPython": "ipykernel"}  # IPython comes with ipykernel, which the notebooks need anyway
 OPTIONAL = {"timm", "onnx"}  # extras: imported only when asked for, with an error naming the install
 
