@@ -89,6 +89,7 @@ class TrainConfig:
     eval_test: bool = True  # evaluate the test split from the best checkpoint at the end
     features: bool = True  # extract embeddings + logits for every split into features.npz
     figures: bool = True  # write figures (UMAP, curves, confusion) to the run's figures/
+    tensorboard: bool = True  # TensorBoard events in the run's tensorboard/ (scalars, hparams, projector)
 
 
 @dataclass

@@ -54,7 +54,7 @@ from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
 #: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
-RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads"})
+RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads", "tensorboard"})
 #: Fields a suite sets itself; ``base`` / ``grid`` may not set them.
 SUITE_FIELDS = frozenset({"loss", "seed", "out", "resume"})
 GRID_KEYS = frozenset({"name", "losses"})  # grid-entry keys that are not Config fields
