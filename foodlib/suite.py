@@ -50,6 +50,7 @@ import yaml
 
 from foodlib.cli import command
 from foodlib.config import Config, ConfigError
+from foodlib.gpu_slots import GpuSlots, kernel_manager_with_env
 from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
@@ -352,9 +353,16 @@ def _run_parallel(plan: list[PlannedRun], spec: SuiteSpec, declared: set[str], d
 
     threads = max(1, available_cores() // jobs)
     log(f"{jobs} runs at a time, {threads} thread(s) each")
+    slots = GpuSlots.for_suite(jobs, device)  # several GPUs: each concurrent run on its own (gpu_slots.py)
+    if slots.enabled:
+        log(f"one GPU per run: CUDA_VISIBLE_DEVICES from {', '.join(slots.gpu_ids)}")
+
+    def run_in_slot(run: PlannedRun, prefix: str) -> RunOutcome:
+        with slots.slot(device or (run.config.train.device if run.config else "cpu")) as env:
+            return _run_one(run, spec, declared, True, device, log, prefix, threads, env=env)
+
     pool = ThreadPoolExecutor(max_workers=jobs)
-    futures = [pool.submit(_run_one, run, spec, declared, True, device, log, f"[{number}/{len(plan)}]", threads)
-               for number, run in enumerate(plan, 1)]
+    futures = [pool.submit(run_in_slot, run, f"[{number}/{len(plan)}]") for number, run in enumerate(plan, 1)]
     try:
         for future in as_completed(futures):
             outcomes.append(future.result())
@@ -374,7 +382,8 @@ def available_cores() -> int:
 
 
 def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, device: str | None,
-             log: Callable[[str], None], prefix: str, threads: int | None = None) -> RunOutcome:
+             log: Callable[[str], None], prefix: str, threads: int | None = None,
+             env: dict[str, str] | None = None) -> RunOutcome:
     notebook_out = run.run_dir / EXPERIMENT_NOTEBOOK
     if run.error:
         log(f"{prefix} {run.name}: FAILED before start: {run.error}")
@@ -399,7 +408,7 @@ def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, 
     t0 = time.time()
     try:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        execute_notebook(spec.notebook, notebook_out, parameters, quiet=quiet)
+        execute_notebook(spec.notebook, notebook_out, parameters, quiet=quiet, **({"env": env} if env else {}))
     except KeyboardInterrupt:
         raise
     except Exception as error:  # a failed run must not stop the suite: record it, go on
@@ -487,8 +496,11 @@ class _KnownConfigFieldFilter(logging.Filter):
         return not (message.startswith(prefix) and message[len(prefix):] in Config.field_index())
 
 
-def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any], quiet: bool = False) -> None:
+def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any], quiet: bool = False,
+                     env: dict[str, str] | None = None) -> None:
     """Run ``notebook`` with papermill into ``output`` on the ``python3`` kernel, from the current folder.
+
+    ``env`` adds variables to the kernel's environment (``CUDA_VISIBLE_DEVICES`` of its GPU slot).
 
     Raises papermill's ``PapermillExecutionError`` (naming the failing cell) when a cell raises.
     """
@@ -499,11 +511,12 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
     log_filter = _KnownConfigFieldFilter()
     papermill_log = logging.getLogger("papermill")
     papermill_log.addFilter(log_filter)
+    extra = {"kernel_manager_class": kernel_manager_with_env(env)} if env else {}
     try:
         papermill.execute_notebook(
             str(notebook), str(output), parameters=parameters, kernel_name=KERNEL_NAME, cwd=os.getcwd(),
             progress_bar=not quiet, stdout_file=None if quiet else sys.stdout,
-            stderr_file=None if quiet else sys.stderr,
+            stderr_file=None if quiet else sys.stderr, **extra,
         )
     finally:
         papermill_log.removeFilter(log_filter)
