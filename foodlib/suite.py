@@ -642,11 +642,22 @@ def _suite_args(parser) -> None:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="runs executed at a time, each with cores // N threads (default: 1); on a CPU "
                              "2 single-thread runs train faster together than one 2-thread run")
+    parser.add_argument("--worker", action="store_true",
+                        help="one of several workers on this suite folder (shared storage, SLURM array): claim "
+                             "runs one by one, skip those others hold; the last one writes the comparison")
 
 
 @command("suite", "run a suite of experiment notebooks with papermill, then the comparison", _suite_args)
 def run_suite_command(args) -> int:
     try:
+        if getattr(args, "worker", False) and not args.dry_run:  # several workers, one folder: suite_workers.py
+            from foodlib.suite_workers import run_worker
+
+            if args.jobs != 1:
+                raise SuiteError("--worker runs one run at a time; start more workers instead of --jobs")
+            result = run_worker(args.suite, out_dir=args.out_dir, only=args.only, quiet=args.quiet, device=args.device,
+                                readme_pictures=args.readme_pictures)
+            return result.exit_code
         result = run_suite(args.suite, out_dir=args.out_dir, only=args.only, dry_run=args.dry_run, quiet=args.quiet,
                            device=args.device, readme_pictures=args.readme_pictures, jobs=args.jobs)
     except SuiteError as error:
