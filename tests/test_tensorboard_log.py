@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
 from foodlib.tensorboard_log import TENSORBOARD_DIR, RunBoard, hparam_values, spread_subset  # noqa: E402
 from foodlib.train import fit  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 
 def read_events(logdir) -> EventAccumulator:
