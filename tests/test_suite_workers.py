@@ -18,8 +18,9 @@ from tests.test_suite import FakePapermill, suite_text
 REPO = Path(__file__).resolve().parents[1]
 
 # A worker process whose papermill is a fake that "trains" by writing config.yaml + metrics.json.
-# Each fake run waits until a second worker has started, so the runs cannot all go to whichever
-# process imported torch first; each run and the comparison record which process executed them.
+# Each fake run lasts until a second worker executes a run too (at most 2 minutes), so the runs
+# cannot all go to whichever process started first; each run and the comparison record which
+# process executed them.
 FAKE_WORKER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
@@ -27,8 +28,7 @@ FAKE_WORKER = textwrap.dedent("""
     from foodlib.config import Config
     from foodlib.suite_workers import run_worker
 
-    shared, suite, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    (shared / f"started_{os.getpid()}").write_text("")
+    suite, out = sys.argv[1], sys.argv[2]
 
     def fake(notebook, output, parameters, quiet=False, env=None):
         output = Path(output)
@@ -38,11 +38,10 @@ FAKE_WORKER = textwrap.dedent("""
             (output.parent / "report.md").write_text("report")
             output.write_text("{}")
             return
-        deadline = time.time() + 120
-        while len(list(shared.glob("started_*"))) < 2 and time.time() < deadline:
-            time.sleep(0.1)
         (output.parent / f"executed_by_{os.getpid()}").write_text("")
-        time.sleep(0.3)
+        deadline = time.time() + 120
+        while len({p.name for p in output.parent.parent.glob("*/executed_by_*")}) < 2 and time.time() < deadline:
+            time.sleep(0.1)
         cfg = Config.from_flat(**{k: v for k, v in parameters.items() if k in Config.field_index()})
         cfg.to_yaml(output.parent / "config.yaml")
         (output.parent / "metrics.json").write_text(json.dumps({"test": {"top1": 0.5}}))
@@ -98,9 +97,7 @@ def test_worker_flag_refuses_jobs(tmp_path, monkeypatch, capsys):
 def test_three_worker_processes_share_a_suite(tmp_path):
     """Fake training, real processes and locks: every run once, at least two workers busy, one comparison."""
     (tmp_path / "s.yaml").write_text(suite_text(seeds=[0, 1, 2]))
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    workers = start_workers(3, lambda i: [sys.executable, "-c", FAKE_WORKER, str(shared), "s.yaml", "runs"], tmp_path)
+    workers = start_workers(3, lambda i: [sys.executable, "-c", FAKE_WORKER, "s.yaml", "runs"], tmp_path)
     results = wait_all(workers, timeout=300)
     assert [rc for rc, _ in results] == [0, 0, 0], results
     suite_dir = tmp_path / "runs" / "tiny"
@@ -121,7 +118,10 @@ def test_two_real_workers_train_a_tiny_suite(tmp_path):
     (tmp_path / "s.yaml").write_text(suite_text(base={
         "data": "dishes", "dishes_classes": 3, "dishes_per_class": 12, "image_size": 16, "backbone": "smallcnn",
         "epochs": 1, "batch_size": 8, "workers": 0, "figures": False, "threads": 1}))
-    command = [sys.executable, "-m", "foodlib.cli", "suite", "s.yaml", "--worker", "--quiet"]
+    # the `foodlib` script's entry point: `python -m foodlib.cli` runs cli.py as __main__, a second copy of
+    # the module into which foodlib.suite does not register its `suite` command
+    command = [sys.executable, "-c", "import sys; from foodlib.cli import main; sys.exit(main())", "suite", "s.yaml",
+               "--worker", "--quiet"]
     results = wait_all(start_workers(2, lambda i: command, tmp_path), timeout=600)
     assert [rc for rc, _ in results] == [0, 0], results
     suite_dir = tmp_path / "runs" / "tiny"
