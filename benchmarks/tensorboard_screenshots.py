@@ -23,11 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-PAGES = {  # file name -> TensorBoard page (the part after '#'); query parameters keep charts readable
-    "scalars": "timeseries",
+PAGES = {  # file name -> TensorBoard page (the part after '#'), with its URL settings
+    "scalars": "scalars&tagFilter=" + urllib.parse.quote("^(loss|top1)/", safe=""),  # the per-epoch curves
     "hparams": "hparams",
     "projector": "projector",
 }

@@ -110,7 +110,8 @@ def _write_record(suite_dir: Path, spec: S.SuiteSpec, plan: list[S.PlannedRun], 
     if lock is None:  # another worker has been writing it for a minute: this update waits for the next
         return
     try:
-        S._write_suite_record(suite_dir, spec, plan, [o for o in outcomes if o.detail != "claimed"])
+        # only what this worker executed: a run it found complete keeps the status its executor wrote
+        S._write_suite_record(suite_dir, spec, plan, [o for o in outcomes if o.status in ("ok", "failed")])
     finally:
         lock.release()
 

@@ -14,9 +14,9 @@ off; it is runtime-only and never changes a result) and calls it at three places
   the browser;
 * :meth:`RunBoard.close` in every case.
 
-The hparams session (every Config field that is not runtime-only, against the ``best/...``
-metrics and the last ``loss/...`` values) starts when the run does, so a suite's runs appear in
-the dashboard while they train: ``tensorboard --logdir runs/SUITE``.
+The hparams session (every Config field that is not runtime-only, against every scalar's last
+value: the ``best/...`` metrics, the last epoch's ``top1/val``, ...) starts when the run does, so a
+suite's runs appear in the dashboard while they train: ``tensorboard --logdir runs/SUITE``.
 
 >>> board = RunBoard.open(cfg, Path("runs/try"), main=True)   # doctest: +SKIP
 >>> board.log_epoch(trace, epoch=1)                           # doctest: +SKIP
@@ -41,9 +41,6 @@ THUMBNAIL_SIDE = 48  # px, side of each sprite thumbnail
 #: Config fields left out of the hparams dashboard: where and how a run executes, not what it computes.
 HPARAM_SKIP = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads", "tensorboard",
                          "features", "figures", "bad_files", "cache"})
-#: Metrics the hparams dashboard lists for every run (a run without one, e.g. eval_test=false, shows a blank).
-HPARAM_METRICS = ("best/val_top1", "best/test_top1", "best/test_top5", "best/test_fisher_ratio",
-                  "best/test_knn_top1", "best/test_nmi", "best/test_silhouette", "loss/train", "loss/val")
 _BEST_KEYS = ("top1", "top5", "loss", "fisher_ratio", "knn_top1", "nmi", "silhouette", "intra_class_variance",
               "inter_class_distance")
 
@@ -82,8 +79,10 @@ class RunBoard:
 
         logdir = Path(run_dir) / TENSORBOARD_DIR
         writer = SummaryWriter(str(logdir), purge_step=start_epoch + 1 if start_epoch else None)
-        experiment, session_start, _ = hparams(hparam_values(cfg), {name: 0.0 for name in HPARAM_METRICS})
-        writer.file_writer.add_summary(experiment)
+        # The session's settings only, no per-run "experiment" summary: TensorBoard then builds the
+        # experiment from all of a suite's sessions (the union of their settings, flagging those that
+        # differ) instead of taking one arbitrary run's list (which may lack e.g. lam, None for softmax).
+        _, session_start, _ = hparams(hparam_values(cfg), {})
         writer.file_writer.add_summary(session_start)
         writer.flush()
         return cls(writer, logdir)
@@ -114,6 +113,13 @@ class RunBoard:
         """
         if not self.enabled:
             return
+        try:
+            self._finish(metrics, data, run_dir)
+        except Exception as error:  # the run is complete (metrics.json is written): TensorBoard must not fail it
+            warnings.warn(f"TensorBoard: the end-of-run summary of {run_dir} failed ({type(error).__name__}: "
+                          f"{error}); the run itself is complete", stacklevel=2)
+
+    def _finish(self, metrics: dict[str, Any], data, run_dir: str | Path | None) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         step = int(metrics.get("best_epoch") or metrics.get("epochs") or 0)
@@ -151,7 +157,9 @@ class RunBoard:
             sprite = thumbnails(data, split, keep)
             # add_embedding refuses to overwrite: a rerun of finish() (resume after the end) replaces it
             shutil.rmtree(self.logdir / f"{step:05d}" / split, ignore_errors=True)
-            self.writer.add_embedding(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)),
+            # 5 decimals: TensorBoard writes each value's repr as text, and float32's repr as a double
+            # takes 20 characters; rounded ones take ~8 (a 3x smaller tensors.tsv, same picture)
+            self.writer.add_embedding(torch.from_numpy(embeddings.astype(np.float64).round(5)),
                                       metadata=metadata, metadata_header=["class", "predicted", "correct"],
                                       label_img=sprite, global_step=step, tag=split)
             shown.append(split)

@@ -116,7 +116,7 @@ def test_three_worker_processes_share_a_suite(tmp_path):
 def test_two_real_workers_train_a_tiny_suite(tmp_path):
     """The real thing: two `foodlib suite --worker` processes, papermill and fit() on the tiniest settings."""
     (tmp_path / "s.yaml").write_text(suite_text(base={
-        "data": "dishes", "dishes_classes": 3, "dishes_per_class": 12, "image_size": 16, "backbone": "smallcnn",
+        "data": "dishes", "dishes_classes": 3, "dishes_per_class": 30, "image_size": 16, "backbone": "smallcnn",
         "epochs": 1, "batch_size": 8, "workers": 0, "figures": False, "threads": 1}))
     # the `foodlib` script's entry point: `python -m foodlib.cli` runs cli.py as __main__, a second copy of
     # the module into which foodlib.suite does not register its `suite` command

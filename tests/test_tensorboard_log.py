@@ -56,8 +56,7 @@ def test_hparams_session_holds_the_config_and_ends(tiny_run):
     assert start.hparams["lam"].number_value == pytest.approx(0.01)
     assert start.hparams["epochs"].number_value == 2
     assert "out" not in start.hparams and "tensorboard" not in start.hparams  # runtime-only fields
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert "best/test_top1" in {m.name.tag for m in experiment.metric_infos}
+    assert "_hparams_/experiment" not in content  # TensorBoard derives it from all of a suite's sessions
     end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
     assert end.status == 1  # STATUS_SUCCESS
 
@@ -70,7 +69,7 @@ def test_projector_has_test_embeddings_labels_and_a_sprite(tiny_run):
     assert f'tensor_name: "test:{step:05d}"' in config and "sprite" in config
     tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t", ndmin=2)
     features = np.load(tiny_run.run_dir / "features.npz")
-    np.testing.assert_allclose(tensors, features["test_embeddings"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tensors, features["test_embeddings"], rtol=0, atol=1e-5)  # 5 decimals
     lines = (folder / "metadata.tsv").read_text().splitlines()
     assert lines[0].split("\t") == ["class", "predicted", "correct"]
     classes = list(features["classes"])
