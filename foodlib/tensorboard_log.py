@@ -155,8 +155,10 @@ class RunBoard:
             metadata = [[name, _label(classes, p), "right" if p == y else "wrong"]
                         for name, p, y in zip(names, predicted, labels)]
             sprite = thumbnails(data, split, keep)
-            # add_embedding refuses to overwrite: a rerun of finish() (resume after the end) replaces it
-            shutil.rmtree(self.logdir / f"{step:05d}" / split, ignore_errors=True)
+            # One projector per split: a resumed run's new best replaces the earlier one's files
+            # (add_embedding would also refuse to overwrite a folder of the same step)
+            for earlier in self.logdir.glob(f"{'[0-9]' * 5}/{split}"):
+                shutil.rmtree(earlier, ignore_errors=True)
             # 5 decimals: TensorBoard writes each value's repr as text, and float32's repr as a double
             # takes 20 characters; rounded ones take ~8 (a 3x smaller tensors.tsv, same picture)
             self.writer.add_embedding(torch.from_numpy(embeddings.astype(np.float64).round(5)),

@@ -81,6 +81,23 @@ def test_projector_has_test_embeddings_labels_and_a_sprite(tiny_run):
     assert np.asarray(sprite).std() > 0  # real thumbnails, not a blank sheet
 
 
+def test_a_resumed_run_shows_each_epoch_once_and_one_projector(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = fit(tiny_config(tmp_path, epochs=1))
+    # as if a process had logged epoch 2 and died before saving last.pt: the resumed run redoes epoch 2
+    with SummaryWriter(str(first.run_dir / TENSORBOARD_DIR)) as killed:
+        killed.add_scalar("loss/train", 1234.0, 2)
+    result = fit(tiny_config(tmp_path, epochs=2, resume=True))  # epochs may grow on resume
+    logdir = result.run_dir / TENSORBOARD_DIR
+    events = read_events(logdir)
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]  # the orphaned step 2 was purged
+    assert events.Scalars("loss/train")[-1].value == pytest.approx(result.trace[-2]["loss"], rel=1e-5)
+    step = result.metrics["best_epoch"]
+    assert [p.parent.name for p in logdir.glob("*/test")] == [f"{step:05d}"]
+    assert (logdir / "projector_config.pbtxt").read_text().count("embeddings {") == 1
+
+
 def test_tensorboard_off_writes_nothing(tmp_path):
     result = fit(tiny_config(tmp_path, epochs=1, tensorboard=False, features=False))
     assert not (result.run_dir / TENSORBOARD_DIR).exists()
