@@ -7,6 +7,11 @@ BIN    := $(VENV)/bin
 # torch/torchvision are pinned only here, to the releases this project is tested with; pyproject
 # keeps open ranges (torch>=2.3) for users. Override: make TORCH_SPEC="torch torchvision" test
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# pip --index-url for torch/torchvision only: CPU-only wheels or one CUDA build, e.g.
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu setup
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cu126 setup
+# Empty (default): PyPI, whose Linux wheels bundle CUDA.
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast setup lint clean bench
@@ -14,7 +19,7 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 

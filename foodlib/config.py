@@ -98,6 +98,7 @@ class TrainConfig:
     features: bool = True  # extract embeddings + logits for every split into features.npz
     figures: bool = True  # write figures (UMAP, curves, confusion) to the run's figures/
     samples_per_class: int | None = None  # class-balanced batches of m images per class (None: what the loss asks; 0: off)
+    tensorboard: bool = True  # TensorBoard events in the run's tensorboard/ (scalars, hparams, projector)
 
 
 @dataclass

@@ -10,12 +10,12 @@ run's ``features.npz``. Unreadable files are skipped and listed, never fatal.
 >>> print(preds.table())                                                    # doctest: +SKIP
 >>> neighbours = nearest_neighbours("runs/demo/center-s0", "photos/ramen.jpg", k=5)  # doctest: +SKIP
 >>> neighbours.figure().savefig("neighbours.png")                            # doctest: +SKIP
->>> export_model("runs/demo/center-s0", format="torchscript")              # doctest: +SKIP
-PosixPath('runs/demo/center-s0/export/model.pt')
+>>> export_model("runs/demo/center-s0")                                      # doctest: +SKIP
+PosixPath('runs/demo/center-s0/export/model.pt2')
 
 Command line: ``foodlib predict RUN PATH... [--out preds.csv]``, ``foodlib embed RUN PATH... --out
 F.npz``, ``foodlib neighbours RUN QUERY... [--figure F.png]``, ``foodlib export RUN --format
-torchscript|onnx``.
+pt2|torchscript|onnx``.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ TRAINED_METRICS = {"softmax": "euclidean", "center": "euclidean", "lgm": "euclid
 #: embeddings (their default distances normalise), so cosine ranks their neighbours.
 TRAINED_METRICS.update({"contrastive_center": "euclidean", "cosface": "cosine", "arcface": "cosine"})
 METRICS = ("euclidean", "cosine")
-EXPORT_FORMATS = ("torchscript", "onnx")
+EXPORT_FORMATS = ("pt2", "torchscript", "onnx")  # pt2: torch.export, what PyTorch recommends today
 
 
 def trained_metric(loss_name: str) -> str:
@@ -763,11 +763,16 @@ def export_metadata(run: InferenceRun) -> dict[str, str]:
 
 def export_model(
     run_dir: str | Path | InferenceRun,
-    format: str = "torchscript",
+    format: str = "pt2",
     out: str | Path | None = None,
     checkpoint: str = "best.pt",
 ) -> Path:
     """Write the run's model as a self-contained file: normalised images -> (embedding, logits).
+
+    ``pt2`` (the default) is a ``torch.export`` ExportedProgram (dynamic batch size) saved with
+    ``torch.export.save``; ``classes.json``, ``preprocessing.json`` and ``model.json`` travel
+    inside it (``extra_files``) and, merged, as ``model.json`` next to it. Load it without foodlib:
+    ``program = torch.export.load("model.pt2"); embedding, logits = program.module()(images)``.
 
     TorchScript (``torch.jit.trace`` of :class:`InferenceModule`, any batch size) carries
     ``classes.json``, ``preprocessing.json`` (image size, resize side, mean/std, crop fraction)
@@ -776,8 +781,8 @@ def export_model(
     ``torch.jit.load(path, _extra_files={"classes.json": ""})`` (or :func:`load_exported`).
 
     Args:
-        format: "torchscript" or "onnx".
-        out: the file to write; default ``RUN_DIR/export/model.pt`` (``.onnx`` for ONNX).
+        format: "pt2" (torch.export), "torchscript" or "onnx".
+        out: the file to write; default ``RUN_DIR/export/model.pt2`` (``.pt`` for TorchScript, ``.onnx``).
         checkpoint: file in the run folder; ``best.pt`` by default.
 
     >>> path = export_model("runs/demo/center-s0")                                       # doctest: +SKIP
@@ -791,13 +796,15 @@ def export_model(
     if format == "onnx":
         _require_onnx()
     run = _as_run(run_dir, checkpoint, "cpu")
-    suffix = ".pt" if format == "torchscript" else ".onnx"
+    suffix = {"pt2": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}[format]
     out = Path(out) if out is not None else run.run_dir / "export" / f"model{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     # A copy: a run passed in stays on its device and dtype.
     module = InferenceModule(copy.deepcopy(run.model), copy.deepcopy(run.loss))
     metadata = export_metadata(run)
-    if format == "torchscript":
+    if format == "pt2":
+        _export_program(module, _example_batch(run.image_size), out, metadata)
+    elif format == "torchscript":
         traced = trace_module(module, run.image_size)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
@@ -863,17 +870,34 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, metadata: 
     onnx.save(proto, str(out))
 
 
-def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load a TorchScript export and its metadata: ``(module, {"classes", "preprocessing", "model"})``.
+def _export_program(module: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> None:
+    """``torch.export`` of ``module`` (float32, CPU, eval) with a dynamic batch; metadata inside and alongside."""
+    from foodlib.io import atomic_write, atomic_write_json
 
-    Shown here for convenience; it uses nothing but ``torch.jit.load``, so the same two lines work
-    where foodlib is not installed.
+    module = module.float().cpu().eval()
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
+    atomic_write(out, lambda f: torch.export.save(program, f, extra_files=metadata))
+    atomic_write_json(out.with_suffix(".json"), {name.removesuffix(".json"): json.loads(text)
+                                                 for name, text in metadata.items()})
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an export and its metadata: ``(module, {"classes", "preprocessing", "model"})``.
+
+    A ``.pt2`` file gives ``torch.export.load(path).module()``, anything else ``torch.jit.load``.
+    Shown here for convenience; it uses nothing but torch, so the same lines work where foodlib
+    is not installed.
 
     >>> module, meta = load_exported("runs/demo/center-s0/export/model.pt")   # doctest: +SKIP
     >>> meta["preprocessing"]["image_size"], meta["classes"][:2]              # doctest: +SKIP
     (64, ['apple_pie', 'bibimbap'])
     """
     extra = {"classes.json": "", "preprocessing.json": "", "model.json": "", "enrolled.json": ""}
+    if Path(path).suffix == ".pt2":
+        program = torch.export.load(str(path), extra_files=extra)
+        return program.module(), {name.removesuffix(".json"): json.loads(text) for name, text in extra.items() if text}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -982,9 +1006,10 @@ def run_neighbours(args) -> int:
 
 def _export_args(parser) -> None:
     parser.add_argument("run_dir", help="a finished run folder (with best.pt)")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript",
-                        help="torchscript (default; loads with torch.jit.load) or onnx (needs onnx, onnxscript)")
-    parser.add_argument("--out", help="file to write (default RUN_DIR/export/model.pt or .onnx)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="pt2",
+                        help="pt2 (default: torch.export, loads with torch.export.load), torchscript "
+                             "(torch.jit.load) or onnx (needs onnx, onnxscript)")
+    parser.add_argument("--out", help="file to write (default RUN_DIR/export/model.pt2, .pt or .onnx)")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
 
 

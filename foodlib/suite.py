@@ -49,13 +49,14 @@ import yaml
 
 from foodlib.cli import command
 from foodlib.config import Config, ConfigError
+from foodlib.gpu_slots import GpuSlots, kernel_manager_with_env
 from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
 from foodlib.runfolder import retire_run_folder
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
 #: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
 RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads", "overwrite",
-                            "figures"})  # figures: drawn after training, from the same numbers
+                            "figures", "tensorboard"})  # figures: drawn after training, from the same numbers
 #: Fields a suite sets itself; ``base`` / ``grid`` may not set them.
 SUITE_FIELDS = frozenset({"loss", "seed", "out", "resume"})
 GRID_KEYS = frozenset({"name", "losses"})  # grid-entry keys that are not Config fields
@@ -354,9 +355,16 @@ def _run_parallel(plan: list[PlannedRun], spec: SuiteSpec, declared: set[str], d
 
     threads = max(1, available_cores() // jobs)
     log(f"{jobs} runs at a time, {threads} thread(s) each")
+    slots = GpuSlots.for_suite(jobs, device)  # several GPUs: each concurrent run on its own (gpu_slots.py)
+    if slots.enabled:
+        log(f"one GPU per run: CUDA_VISIBLE_DEVICES from {', '.join(slots.gpu_ids)}")
+
+    def run_in_slot(run: PlannedRun, prefix: str) -> RunOutcome:
+        with slots.slot(device or (run.config.train.device if run.config else "cpu")) as env:
+            return _run_one(run, spec, declared, True, device, log, prefix, threads, env=env)
+
     pool = ThreadPoolExecutor(max_workers=jobs)
-    futures = [pool.submit(_run_one, run, spec, declared, True, device, log, f"[{number}/{len(plan)}]", threads)
-               for number, run in enumerate(plan, 1)]
+    futures = [pool.submit(run_in_slot, run, f"[{number}/{len(plan)}]") for number, run in enumerate(plan, 1)]
     try:
         for future in as_completed(futures):
             outcomes.append(future.result())
@@ -376,7 +384,8 @@ def available_cores() -> int:
 
 
 def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, device: str | None,
-             log: Callable[[str], None], prefix: str, threads: int | None = None) -> RunOutcome:
+             log: Callable[[str], None], prefix: str, threads: int | None = None,
+             env: dict[str, str] | None = None) -> RunOutcome:
     notebook_out = run.run_dir / EXPERIMENT_NOTEBOOK
     if run.error:
         log(f"{prefix} {run.name}: FAILED before start: {run.error}")
@@ -401,7 +410,7 @@ def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, 
     t0 = time.time()
     try:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        execute_notebook(spec.notebook, notebook_out, parameters, quiet=quiet)
+        execute_notebook(spec.notebook, notebook_out, parameters, quiet=quiet, **({"env": env} if env else {}))
     except KeyboardInterrupt:
         raise
     except Exception as error:  # a failed run must not stop the suite: record it, go on
@@ -489,8 +498,11 @@ class _KnownConfigFieldFilter(logging.Filter):
         return not (message.startswith(prefix) and message[len(prefix):] in Config.field_index())
 
 
-def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any], quiet: bool = False) -> None:
+def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any], quiet: bool = False,
+                     env: dict[str, str] | None = None) -> None:
     """Run ``notebook`` with papermill into ``output`` on the ``python3`` kernel, from the current folder.
+
+    ``env`` adds variables to the kernel's environment (``CUDA_VISIBLE_DEVICES`` of its GPU slot).
 
     Raises papermill's ``PapermillExecutionError`` (naming the failing cell) when a cell raises.
     """
@@ -501,6 +513,7 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
     log_filter = _KnownConfigFieldFilter()
     papermill_log = logging.getLogger("papermill")
     papermill_log.addFilter(log_filter)
+    extra = {"kernel_manager_class": kernel_manager_with_env(env)} if env else {}
     try:
         papermill.execute_notebook(
             str(notebook), str(output), parameters=parameters, kernel_name=KERNEL_NAME, cwd=os.getcwd(),
@@ -508,7 +521,7 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
             stderr_file=None if quiet else sys.stderr,
             # the kernel's own start-up warnings (ipykernel's "running over TCP without encryption" on
             # every local kernel) are not the user's concern; the cells' warnings and errors still show
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            extra_arguments=["--IPKernelApp.log_level=ERROR"], **extra,
         )
     finally:
         papermill_log.removeFilter(log_filter)
@@ -634,11 +647,22 @@ def _suite_args(parser) -> None:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="runs executed at a time, each with cores // N threads (default: 1); on a CPU "
                              "2 single-thread runs train faster together than one 2-thread run")
+    parser.add_argument("--worker", action="store_true",
+                        help="one of several workers on this suite folder (shared storage, SLURM array): claim "
+                             "runs one by one, skip those others hold; the last one writes the comparison")
 
 
 @command("suite", "run a suite of experiment notebooks with papermill, then the comparison", _suite_args)
 def run_suite_command(args) -> int:
     try:
+        if getattr(args, "worker", False) and not args.dry_run:  # several workers, one folder: suite_workers.py
+            from foodlib.suite_workers import run_worker
+
+            if args.jobs != 1:
+                raise SuiteError("--worker runs one run at a time; start more workers instead of --jobs")
+            result = run_worker(args.suite, out_dir=args.out_dir, only=args.only, quiet=args.quiet, device=args.device,
+                                readme_pictures=args.readme_pictures)
+            return result.exit_code
         result = run_suite(args.suite, out_dir=args.out_dir, only=args.only, dry_run=args.dry_run, quiet=args.quiet,
                            device=args.device, readme_pictures=args.readme_pictures, jobs=args.jobs)
     except SuiteError as error:

@@ -43,6 +43,7 @@ from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
 from foodlib.precision import describe_device_and_precision
 from foodlib.runfolder import check_run_folder, check_writable
+from foodlib.tensorboard_log import RunBoard
 
 CHECKPOINT_FORMAT = 1
 
@@ -275,6 +276,7 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
 RESUME_FREE_FIELDS = frozenset({
     "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
     "eval_test", "features", "figures", "threads", "overwrite",
+    "tensorboard",
 })
 
 #: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
@@ -550,6 +552,7 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_top1, best_epoch, trace = ckpt["epoch"], ckpt["best_top1"], ckpt["best_epoch"], ckpt["trace"]
         log(f"resuming {run_dir} after epoch {start_epoch} (best val top-1 {best_top1:.4f} at epoch {best_epoch})")
+    board = RunBoard.open(cfg, run_dir, main, start_epoch)  # TensorBoard (foodlib/tensorboard_log.py)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         # -- schedules -----------------------------------------------------------------------
@@ -644,6 +647,7 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
             if improved:
                 atomic_torch_save(best_path, {**common, "epoch": epoch + 1, "val_top1": score})
             write_trace(run_dir / "trace.csv", trace)
+            board.log_epoch(trace, epoch + 1)
             atomic_torch_save(last_path, {
                 **common, "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "trace": trace,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -685,8 +689,10 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
             metrics = evaluate_openset(run_dir, model, loss, data, cfg, metrics, device=device, progress=progress)
         metrics["wall_seconds"] = round(time.time() - t_start, 2)
         atomic_write_json(run_dir / "metrics.json", metrics)
+        board.finish(metrics, data, run_dir)
         log(f"done: {run_dir} " + " ".join(
             f"{s} top1 {metrics[s]['top1']:.3f}" for s in ("val", "test") if "top1" in metrics.get(s, {})))
+    board.close()
     barrier()
     if info.enabled:
         cleanup_distributed()

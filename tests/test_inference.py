@@ -324,11 +324,54 @@ def test_torchscript_export_runs_without_foodlib(run, run_dir, features, tmp_pat
     assert pre["mean"] == [0.485, 0.456, 0.406] and pre["std"] == [0.229, 0.224, 0.225]
 
 
+LOAD_PT2_WITHOUT_FOODLIB = textwrap.dedent("""
+    import json, sys
+    sys.modules["foodlib"] = None  # any import of foodlib now fails
+    import torch
+    model_path, input_path, output_path = sys.argv[1:4]
+    extra = {"classes.json": "", "preprocessing.json": ""}
+    program = torch.export.load(model_path, extra_files=extra)
+    with torch.no_grad():
+        embedding, logits = program.module()(torch.load(input_path))
+    torch.save({"embedding": embedding, "logits": logits, "classes": json.loads(extra["classes.json"]),
+                "preprocessing": json.loads(extra["preprocessing.json"])}, output_path)
+""")
+
+
+@pytest.mark.slow  # a second Python process importing torch: ~5-15 s on a loaded machine
+def test_pt2_export_matches_predict_without_foodlib(run, run_dir, tmp_path):
+    model_path = export_model(run_dir, out=tmp_path / "model.pt2")  # the default format: torch.export
+    test_paths, _ = read_split_file(run_dir, "test")
+    torch.save(normalised_test_images(run_dir, 5), tmp_path / "x.pt")  # batch 5; the export saw 2
+    done = subprocess.run([sys.executable, "-I", "-c", LOAD_PT2_WITHOUT_FOODLIB, str(model_path), "x.pt", "y.pt"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    out = torch.load(tmp_path / "y.pt")
+    expected = predict(run, test_paths[:5], progress=False)
+    np.testing.assert_allclose(torch.softmax(out["logits"], 1).numpy(), expected.probabilities, atol=1e-4)
+    assert [run.classes[i] for i in out["logits"].argmax(1)] == expected.predicted
+    assert out["classes"] == run.classes and out["preprocessing"]["image_size"] == 32
+
+
+def test_pt2_export_has_a_dynamic_batch_and_json_alongside(run, run_dir, tmp_path):
+    path = export_model(run, out=tmp_path / "model.pt2")
+    alongside = json.loads((tmp_path / "model.json").read_text())
+    assert alongside["classes"] == run.classes and alongside["preprocessing"]["resize_side"] == 37
+    assert alongside["model"]["loss"] == "center"
+    module = torch.export.load(str(path)).module()
+    for n in (1, 7):
+        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            embedding, logits = module(x)
+            expected = run.loss.predict(run.model(x))
+        np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-4)
+
+
 def test_cli_export_default_path_and_load_exported(run_dir, features, capsys):
     assert cli_main(["export", str(run_dir)]) == 0
-    path = run_dir / "export" / "model.pt"
+    path = run_dir / "export" / "model.pt2"
     assert f"wrote {path}" in capsys.readouterr().out
-    module, meta = inference.load_exported(path)  # torch.jit.load with _extra_files
+    module, meta = inference.load_exported(path)  # torch.export.load with extra_files
     with torch.no_grad():
         embedding, logits = module(normalised_test_images(run_dir, 3))
     np.testing.assert_allclose(logits.numpy(), features["test"]["logits"][:3], atol=1e-4)
