@@ -102,7 +102,7 @@ def test_the_legend_command_writes_each_picture_under_its_exact_name(row, tmp_pa
             assert name, f"cannot tell which suite {' '.join(words)} reports"
             made |= pictures_of_a_report(name, tmp_path)
         elif words[:1] == ["cp"] and len(words) == 3 and words[2].startswith("readme_pictures/"):
-            assert "/figures/" in words[1], f"{words[1]}: the legend copies a figure a run or report made"
+            assert words[1].startswith("runs/"), f"{words[1]}: the legend copies a picture a run or script made"
             made.add(Path(words[2]).name)
         elif words and words[0].endswith("papermill"):
             notebook = REPO / words[1]
