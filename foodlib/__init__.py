@@ -30,6 +30,7 @@ _EXPORTS = {
     "nearest_neighbours": "foodlib.inference",
     "export_model": "foodlib.inference",
     "run_suite": "foodlib.suite",
+    "tune": "foodlib.tune",
 }
 
 __all__ = ["__version__", *_EXPORTS]

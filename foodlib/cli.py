@@ -136,7 +136,7 @@ def _load_optional_commands() -> None:
     """Modules that register their own subcommands (suite, report; predict, embed, neighbours, export)."""
     import importlib
 
-    for module in ("foodlib.suite", "foodlib.inference"):
+    for module in ("foodlib.suite", "foodlib.inference", "foodlib.tune"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -95,13 +95,19 @@ def index_dataset(cfg) -> DatasetIndex:
     return carve_val(index, cfg.data.val_fraction, cfg.data.split_seed)
 
 
-def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> Data:
+def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True, splits: tuple[str, ...] | None = None
+              ) -> Data:
     """Index, decode (once, cached) and check the configured data; list skipped files in ``run_dir``.
+
+    ``splits`` keeps only those splits (e.g. ``("train", "val")`` while tuning): the others' files
+    are never opened, not even to decode them into the cache.
 
     Raises:
         BadFilesError: unreadable files with ``bad_files="fail"`` (the message lists them).
     """
     index = index_dataset(cfg)
+    if splits is not None:
+        index = DatasetIndex(index.root, index.classes, {k: v for k, v in index.splits.items() if k in splits})
     side = cache_side(cfg.data.image_size)
     all_paths = sorted({p for split in index.splits.values() for p in split.paths})
     if cfg.data.cache:
