@@ -316,6 +316,25 @@ def open_storage(url: str | None, tune_dir: Path):
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
+@contextlib.contextmanager
+def _setup_lock(folder: Path | None):
+    """Serialise creating the default SQLite database and its studies (concurrent table creation fails)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; start workers a few seconds apart
+        fcntl = None
+    if folder is None or fcntl is None:
+        yield
+        return
+    from foodlib.io import lock_file, unlock_file
+
+    handle = lock_file(folder / ".study.lock", fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        unlock_file(handle)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -479,8 +498,9 @@ def tune(
     tune_dir.mkdir(parents=True, exist_ok=True)
     if spec.source_text:
         atomic_write_text(tune_dir / "tune.yaml", spec.source_text)
-    store = open_storage(storage, tune_dir)
-    studies = {loss: _open_study(store, spec, search, loss, create=not report_only) for loss in spec.losses}
+    with _setup_lock(tune_dir if storage is None else None):  # workers starting together on one SQLite file
+        store = open_storage(storage, tune_dir)
+        studies = {loss: _open_study(store, spec, search, loss, create=not report_only) for loss in spec.losses}
     result = TuneResult(tune_dir, None, None)
     runtime = {k: v for k, v in (("device", device), ("threads", threads)) if v is not None}
     if not report_only:
@@ -618,7 +638,7 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
             data.index.write_split_files(run_dir)  # what load_data(run_dir=) writes: the run folder stays complete
             with contextlib.ExitStack() as stack:
                 if quiet:  # fit's epoch lines go to the run folder, the console gets one line per trial
-                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(run_dir / "fit.log", "a"))))
+                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(run_dir / "fit.log", "a", buffering=1))))
                 fit_result = fit(cfg, data=data, on_epoch=report if not needs_features else None)
         value = float(fit_result.metrics["val"][metric])
     except optuna.TrialPruned as pruned:
