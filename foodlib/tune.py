@@ -392,11 +392,11 @@ def fail_and_requeue(storage, study, trial, why: str, log: Callable[[str], None]
     from optuna.trial import TrialState
 
     try:
+        storage.set_trial_user_attr(trial._trial_id, "failed_because", why)  # a finished trial takes no attributes
         if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
             return False
     except (UpdateFinishedTrialError, RuntimeError):
-        return False  # another worker got there first
-    storage.set_trial_user_attr(trial._trial_id, "failed_because", why)
+        return False  # another worker got there first, or the trial just finished
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "run": trial.user_attrs.get("run")},
                         skip_if_exists=False)
     log(f"  trial {trial.number} ({trial.user_attrs.get('run')}) {why}: queued again, it resumes its run folder")
@@ -653,7 +653,7 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
         log(f"  diverged ({time.time() - t0:.0f} s), recorded as pruned: {error}")
         return
     except KeyboardInterrupt:
-        fail_and_requeue(store, study, study._storage.get_trial(trial._trial_id), "was interrupted (Ctrl-C)", log)
+        fail_and_requeue(store, study, store.get_trial(trial._trial_id), "was interrupted (Ctrl-C)", log)
         raise
     except BaseException as error:
         trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
