@@ -218,3 +218,12 @@ def test_a_tune_killed_mid_trial_resumes_it(tmp_path):
     log = (trials_dir / killed[0] / "fit.log").read_text()
     assert "resuming" in log and log.count("epoch 1/3") == 1  # the finished epoch was kept, not retrained
     assert (trials_dir / killed[0] / "metrics.json").exists()
+
+
+def test_every_suite_in_the_repository_loads():
+    for path in sorted((REPO / "suites").glob("*.yaml")):
+        if "search:" in path.read_text():
+            spec, search = T.load_tune(path)
+            assert search.space(spec.losses[0]), path
+        else:
+            S.load_suite(path)
