@@ -8,6 +8,7 @@ optimiser, on validation data. ``foodlib tune SUITE.yaml`` does exactly that: a 
     search:
       trials: 20                  # trials per loss, the same for every loss (--trials overrides)
       objective: val.top1         # val.<metric> of the kept (best-val) checkpoint; val.loss is minimised
+      direction: maximize         # optional; default: minimize for a loss, maximize for the rest
       seed: 0                     # seeds the TPE sampler
       startup_trials: 8           # random trials per loss before TPE models the results
       pruner: {startup_trials: 4, warmup_epochs: 5}   # median pruner: see below
@@ -82,7 +83,7 @@ from foodlib.config import Config, ConfigError
 from foodlib.io import atomic_write_text
 from foodlib.suite import RUNTIME_FIELDS, SUITE_FIELDS, SuiteError, SuiteSpec, load_suite
 
-SEARCH_KEYS = ("trials", "objective", "seed", "startup_trials", "pruner", "shared", "losses")
+SEARCH_KEYS = ("trials", "objective", "direction", "seed", "startup_trials", "pruner", "shared", "losses")
 PRUNER_KEYS = ("startup_trials", "warmup_epochs")
 #: Fields the tuner sets itself: what a trial computes on (never test) and where it writes.
 TUNER_FIELDS = SUITE_FIELDS | RUNTIME_FIELDS | {"eval_test", "features", "figures"}
@@ -144,9 +145,11 @@ class SearchSpec:
     def metric(self) -> str:
         return self.objective.split(".", 1)[1]
 
+    direction_override: str | None = None  # `direction:` in the suite; default: minimise losses, maximise the rest
+
     @property
     def direction(self) -> str:
-        return "minimize" if "loss" in self.metric else "maximize"
+        return self.direction_override or ("minimize" if "loss" in self.metric else "maximize")
 
     def space(self, loss: str) -> list[SearchParam]:
         return [*self.shared.values(), *self.per_loss.get(loss, {}).values()]
@@ -249,8 +252,12 @@ def parse_search(spec: SuiteSpec, source: str = "suite") -> SearchSpec:
     if not objective.startswith("val.") or len(objective) <= 4:
         raise TuneError(f"{where}.objective: {objective!r} must be a val metric such as val.top1, val.top5 or val.loss "
                         "(tuning never looks at test)")
+    direction = raw.get("direction")
+    if direction not in (None, "maximize", "minimize"):
+        raise TuneError(f"{where}.direction: {direction!r} must be maximize or minimize (default: minimize for a loss, "
+                        "else maximize)")
     search = SearchSpec(
-        shared=shared, per_loss=per_loss, trials=positive_int("trials", raw.get("trials", 20)), objective=objective,
+        direction_override=direction, shared=shared, per_loss=per_loss, trials=positive_int("trials", raw.get("trials", 20)), objective=objective,
         seed=positive_int("seed", raw.get("seed", 0), 0),
         startup_trials=positive_int("startup_trials", raw.get("startup_trials", 10), 0),
         pruner_startup_trials=positive_int("pruner.startup_trials", pruner.get("startup_trials", 5), 0),
@@ -640,6 +647,9 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
                 if quiet:  # fit's epoch lines go to the run folder, the console gets one line per trial
                     stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(run_dir / "fit.log", "a", buffering=1))))
                 fit_result = fit(cfg, data=data, on_epoch=report if not needs_features else None)
+        if metric not in fit_result.metrics.get("val", {}):
+            raise TuneError(f"search.objective {search.objective!r}: the run's val metrics are "
+                            f"{sorted(fit_result.metrics.get('val', {}))}; choose one of them")
         value = float(fit_result.metrics["val"][metric])
     except optuna.TrialPruned as pruned:
         study.tell(trial, state=TrialState.PRUNED)

@@ -227,3 +227,25 @@ def test_every_suite_in_the_repository_loads():
             assert search.space(spec.losses[0]), path
         else:
             S.load_suite(path)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_an_interrupted_trial_is_requeued_once_with_its_settings_and_folder(tmp_path, kind):
+    import optuna
+
+    storage = T.open_storage(f"sqlite:///{tmp_path / 's.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'j.log'}",
+                             tmp_path)
+    study = optuna.create_study(study_name="s/softmax", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-3, 1e-2, log=True)
+    trial.set_user_attr("run", "softmax-t000")
+    frozen = storage.get_trial(trial._trial_id)
+    assert T.fail_and_requeue(storage, study, frozen, "was interrupted", log=lambda line: None)
+    assert not T.fail_and_requeue(storage, study, frozen, "was interrupted", log=lambda line: None)  # once only
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    assert trials[0].user_attrs["failed_because"] == "was interrupted"
+    assert trials[1].user_attrs == {"retry_of": 0, "run": "softmax-t000"}
+    assert T.budget(trials) == (0, 1, True)  # the failed one no longer counts, its retry does
+    retry = study.ask()
+    assert retry.number == 1 and retry.suggest_float("lr", 1e-3, 1e-2, log=True) == frozen.params["lr"]
