@@ -624,7 +624,7 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
     cfg = Config.from_flat(**overrides, features=needs_features, resume=(run_dir / "last.pt").is_file())
     shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
     retry = trial.user_attrs.get("retry_of")
-    log(f"{loss} trial {trial.number + 1 if retry is None else trial.number} "
+    log(f"{loss} trial {trial.number} "
         f"[{sum(_counted(t) for t in study.get_trials(deepcopy=False) if t.number <= trial.number)}/{n_trials}] "
         f"{run}: {shown}" + (f" (retry of trial {retry}, resuming)" if cfg.train.resume else ""))
     reported: set[int] = set()
@@ -639,6 +639,9 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
 
     record = {"trial": trial.number, "study": study.study_name, "loss": loss, "params": params, "retry_of": retry}
     try:
+        if retry is None and run_dir.is_dir() and any(run_dir.iterdir()):
+            raise TuneError(f"{run_dir} already holds a run that this study has no record of (a study removed or "
+                            "renamed?); move that folder away, or give the suite another name")
         with Heartbeat(store, trial._trial_id, heartbeat_s):
             data = data_cache.get(cfg, progress=not quiet)
             run_dir.mkdir(parents=True, exist_ok=True)

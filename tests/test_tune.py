@@ -249,3 +249,16 @@ def test_an_interrupted_trial_is_requeued_once_with_its_settings_and_folder(tmp_
     assert T.budget(trials) == (0, 1, True)  # the failed one no longer counts, its retry does
     retry = study.ask()
     assert retry.number == 1 and retry.suggest_float("lr", 1e-3, 1e-2, log=True) == frozen.params["lr"]
+
+
+def test_a_leftover_run_folder_is_never_overwritten(tmp_path):
+    import optuna
+
+    leftover = tmp_path / "runs" / "tiny-tune" / "trials" / "softmax-t000"
+    leftover.mkdir(parents=True)
+    (leftover / "metrics.json").write_text("{}")
+    with pytest.raises(T.TuneError, match="softmax-t000 already holds a run"):
+        T.tune(write_suite(tmp_path, tune_text()), out_dir=tmp_path / "runs", log=lambda line: None)
+    assert (leftover / "metrics.json").read_text() == "{}"
+    study = optuna.load_study(study_name="tiny-tune/softmax", storage=f"sqlite:///{tmp_path / 'runs/tiny-tune/study.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["FAIL"]
