@@ -747,7 +747,8 @@ FIGURE_NOTES = {
     "history": "Optimisation history: one dot per finished (not pruned) trial, its objective value against the trial "
                "number; the line is the best value so far.",
     "importances": "Parameter importances (Optuna's fANOVA evaluator): the share of the objective's variance across "
-                   "finished trials that each searched parameter explains; the bars sum to 1.",
+                   "finished trials that each searched parameter explains; the bars sum to 1. It fits a random forest to the finished "
+                   "trials: with a handful of them (or tied values) the bars are noise, not a finding.",
     "slices": "Slices: one panel per parameter, one dot per finished trial at its value of that parameter and its "
               "objective; the dot colour is the trial number (legend bar).",
 }
