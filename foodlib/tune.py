@@ -228,7 +228,8 @@ def parse_search(spec: SuiteSpec, source: str = "suite") -> SearchSpec:
                 import difflib
 
                 close = difflib.get_close_matches(str(name), list(index), n=3)
-                raise TuneError(f"{at}: {name!r} is not a Config field" + (f"; did you mean {', '.join(close)}?" if close else ""))
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise TuneError(f"{at}: {name!r} is not a Config field{hint}")
             if name in TUNER_FIELDS:
                 raise TuneError(f"{at}: {name!r} cannot be searched (the tuner sets it); remove it")
         return {str(name): parse_param(str(name), value, at) for name, value in section.items()}
@@ -257,7 +258,8 @@ def parse_search(spec: SuiteSpec, source: str = "suite") -> SearchSpec:
         raise TuneError(f"{where}.direction: {direction!r} must be maximize or minimize (default: minimize for a loss, "
                         "else maximize)")
     search = SearchSpec(
-        direction_override=direction, shared=shared, per_loss=per_loss, trials=positive_int("trials", raw.get("trials", 20)), objective=objective,
+        direction_override=direction, shared=shared, per_loss=per_loss,
+        trials=positive_int("trials", raw.get("trials", 20)), objective=objective,
         seed=positive_int("seed", raw.get("seed", 0), 0),
         startup_trials=positive_int("startup_trials", raw.get("startup_trials", 10), 0),
         pruner_startup_trials=positive_int("pruner.startup_trials", pruner.get("startup_trials", 5), 0),
@@ -648,7 +650,8 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
             data.index.write_split_files(run_dir)  # what load_data(run_dir=) writes: the run folder stays complete
             with contextlib.ExitStack() as stack:
                 if quiet:  # fit's epoch lines go to the run folder, the console gets one line per trial
-                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(run_dir / "fit.log", "a", buffering=1))))
+                    log_file = stack.enter_context(open(run_dir / "fit.log", "a", buffering=1))
+                    stack.enter_context(contextlib.redirect_stdout(log_file))
                 fit_result = fit(cfg, data=data, on_epoch=report if not needs_features else None)
         if metric not in fit_result.metrics.get("val", {}):
             raise TuneError(f"search.objective {search.objective!r}: the run's val metrics are "
@@ -747,8 +750,8 @@ FIGURE_NOTES = {
     "history": "Optimisation history: one dot per finished (not pruned) trial, its objective value against the trial "
                "number; the line is the best value so far.",
     "importances": "Parameter importances (Optuna's fANOVA evaluator): the share of the objective's variance across "
-                   "finished trials that each searched parameter explains; the bars sum to 1. It fits a random forest to the finished "
-                   "trials: with a handful of them (or tied values) the bars are noise, not a finding.",
+                   "finished trials that each searched parameter explains; the bars sum to 1. It fits a random forest "
+                   "to the finished trials: with a handful of them (or tied values) the bars are noise, not a finding.",
     "slices": "Slices: one panel per parameter, one dot per finished trial at its value of that parameter and its "
               "objective; the dot colour is the trial number (legend bar).",
 }
