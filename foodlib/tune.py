@@ -790,7 +790,8 @@ def write_tune_report(spec: SuiteSpec, search: SearchSpec, studies: dict[str, An
         sections += [f"## {loss}", "", "Searched: " + (", ".join(f"{p.name} {p.describe()}" for p in search.space(loss))
                                                         or "nothing (base settings only)"), ""]
         sections += _figures(study, folder, tune_dir)
-        sections += ["", _markdown_table(rows), ""]
+        sections += ["Every trial (a pruned trial's value is its val score at the epoch where it was stopped; "
+                     f"run folders in {tune_dir / 'trials'}):", "", _markdown_table(rows), ""]
     path = tune_dir / "report.md"
     atomic_write_text(path, "\n".join(lines + [""] + sections) + "\n")
     return path
