@@ -31,6 +31,7 @@ _EXPORTS = {
     "export_model": "foodlib.inference",
     "enroll": "foodlib.enroll",
     "run_suite": "foodlib.suite",
+    "tune": "foodlib.tuning",
 }
 
 __all__ = ["__version__", *_EXPORTS]

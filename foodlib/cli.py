@@ -136,6 +136,7 @@ OPTIONAL_COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("foodlib.inference", "embeddings and prediction logits of images, saved as .npz"),
     "neighbours": ("foodlib.inference", "the most similar training images of query images, in a run's embedding space"),
     "export": ("foodlib.inference", "export a run's model (images -> embedding, logits) with its class names"),
+    "tune": ("foodlib.tuning", "tune every loss of a suite with the same Optuna budget on val; write the best settings as a suite"),
     "enroll": ("foodlib.enroll", "add dishes to a trained run from a few photos each (no retraining); --list, --remove"),
 }
 

@@ -61,7 +61,7 @@ RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cach
 SUITE_FIELDS = frozenset({"loss", "seed", "out", "resume"})
 GRID_KEYS = frozenset({"name", "losses"})  # grid-entry keys that are not Config fields
 SUITE_KEYS = ("name", "base", "losses", "seeds", "loss_params", "grid", "baseline", "notebook", "compare_notebook",
-              "out_dir")
+              "out_dir", "search")  # `search:` belongs to `foodlib tune` (foodlib/tuning.py reads it)
 KERNEL_NAME = "python3"  # the venv's ipykernel; jupyter_client starts it with this interpreter (sys.executable)
 EXPERIMENT_NOTEBOOK = "experiment.ipynb"
 COMPARE_NOTEBOOK = "compare.ipynb"
@@ -86,6 +86,7 @@ class SuiteSpec:
     compare_notebook: Path = field(default_factory=lambda: notebooks_dir() / COMPARE_NOTEBOOK)
     out_dir: Path = Path("runs")
     source_text: str = ""
+    search: dict[str, Any] = field(default_factory=dict)  # the `search:` section (foodlib tune), unparsed
 
 
 @dataclass
@@ -140,11 +141,12 @@ def notebooks_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs") -> SuiteSpec:
+def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs", tuning: bool = False) -> SuiteSpec:
     """Parse a suite YAML file (or YAML text) and check its structure and field names.
 
     Values are checked per run by :func:`plan_suite` (an invalid value fails that run only);
-    structure errors and unknown field names fail here, before anything runs.
+    structure errors and unknown field names fail here, before anything runs. A suite with a
+    ``search:`` section is read only with ``tuning=True`` (by :mod:`foodlib.tuning`).
 
     >>> load_suite("base: {epochs: 2}\\nlosses: [softmax]\\n").seeds
     [0]
@@ -160,6 +162,9 @@ def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs") -> SuiteS
     if unknown:
         raise SuiteError(f"suite {source}: unknown key(s) {unknown}; valid keys: {', '.join(SUITE_KEYS)}")
 
+    if raw.get("search") is not None and not tuning:
+        raise SuiteError(f"suite {source} has a `search:` section: it is a tuning suite; run it with "
+                         f"`foodlib tune {source}` (its best settings then go to a suite you run with `foodlib suite`)")
     name = str(raw.get("name") or (Path(source).stem if source != "<text>" else "suite"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or set(name) == {"."}:  # ".." would write above out_dir
         raise SuiteError(f"suite name {name!r} must use only letters, digits, '.', '_' and '-', and not only dots "
@@ -199,7 +204,8 @@ def load_suite(path_or_text: str | Path, out_dir: str | Path = "runs") -> SuiteS
     here = Path(source).parent if source != "<text>" else Path.cwd()
     spec = SuiteSpec(name=name, base=base, losses=[str(x) for x in losses], seeds=[int(s) for s in seeds],
                      loss_params=loss_params, grid=grid, baseline=baseline,
-                     out_dir=Path(raw.get("out_dir") or out_dir), source_text=text)
+                     out_dir=Path(raw.get("out_dir") or out_dir), source_text=text,
+                     search=_mapping(raw.get("search"), f"{source}: search") if tuning else {})
     for key in ("notebook", "compare_notebook"):
         if raw.get(key):  # relative to the suite file, like an include
             setattr(spec, key, (here / str(raw[key])).resolve())

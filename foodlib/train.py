@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -425,7 +425,8 @@ class NonFiniteWatch:
 
 # ----- the loop -------------------------------------------------------------------------------
 
-def fit(cfg: Config, data: Data | None = None) -> RunResult:
+def fit(cfg: Config, data: Data | None = None, on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None
+        ) -> RunResult:
     """Train ``cfg`` end to end and write the run folder; returns metrics, model, loss and data.
 
     Phases per epoch: schedules -> train (lr, forward, loss, backward, step, center update) ->
@@ -434,6 +435,10 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
 
     One fit() writes a run folder at a time: a second one aimed at the same ``out`` (another
     notebook, terminal or suite) fails at once with :class:`~foodlib.io.FolderBusyError`.
+
+    ``on_epoch(epoch, trace)`` (optional) is called after each epoch's checkpoints are saved, with
+    the 1-based epoch and every trace row so far (resumed epochs included); an exception it raises
+    stops the run there, its last.pt intact (``foodlib tune`` prunes hopeless trials this way).
     """
     cfg.validate()
     t_start = time.time()
@@ -450,7 +455,7 @@ def fit(cfg: Config, data: Data | None = None) -> RunResult:
             check_writable(run_dir)  # a read-only or missing parent: one clear line, not a PermissionError deep inside
         # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
         with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
-            return _fit(cfg, data, device, info, run_dir, t_start)
+            return _fit(cfg, data, device, info, run_dir, t_start, on_epoch)
     except BaseException:
         if new_folder:
             remove_unstarted_run(run_dir)
@@ -464,7 +469,8 @@ def remove_unstarted_run(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, run_dir: Path, t_start: float) -> RunResult:
+def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, run_dir: Path, t_start: float,
+         on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None) -> RunResult:
     """fit()'s body, with the run folder locked."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes (training drops the last partial batch): pick once
@@ -654,6 +660,8 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
                 "center_optimizer": center_optimizer.state_dict() if center_optimizer is not None else None,
             })
         barrier()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, trace)
 
     dump_rank_state(model, loss)  # debugging aid, FOODLIB_RANK_STATE_DIR (docs/distributed.md)
     check_in_sync(model, loss)  # DDP and the center all-reduce must leave every rank with the same state

@@ -112,14 +112,21 @@ def index_dataset_and_novel(cfg) -> tuple[DatasetIndex, DatasetIndex | None]:
     return carve_val(index, cfg.data.val_fraction, cfg.data.split_seed), novel
 
 
-def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True) -> Data:
+def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True, splits: tuple[str, ...] | None = None
+              ) -> Data:
     """Index, decode (once, cached) and check the configured data; list skipped files in ``run_dir``.
+
+    ``splits`` keeps only those splits (e.g. ``("train", "val")`` while tuning): the others' files
+    are never opened, not even to decode them into the cache.
 
     Raises:
         BadFilesError: unreadable files with ``bad_files="fail"`` (the message lists them).
         EmptyClassError: a class has no usable training image.
     """
     index, novel = index_dataset_and_novel(cfg)
+    if splits is not None:  # e.g. tuning: the other splits' files are never opened
+        index = DatasetIndex(index.root, index.classes, {k: v for k, v in index.splits.items() if k in splits})
+        novel = novel if NOVEL_SPLIT in splits else None
     side = cache_side(cfg.data.image_size)
     all_paths = sorted({p for part in (index, novel) if part is not None for split in part.splits.values()
                         for p in split.paths})
