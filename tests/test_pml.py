@@ -15,7 +15,7 @@ pytest.importorskip("pytorch_metric_learning")
 from conftest import tiny_config  # noqa: E402
 from foodlib.config import Config, ConfigError  # noqa: E402
 from foodlib.data.balanced import BalancedBatchLoader  # noqa: E402
-from foodlib.losses import DiscriminativeLoss, LossOutput, PMLLoss, create_loss  # noqa: E402
+from foodlib.losses import DiscriminativeLoss, LossOutput, create_loss  # noqa: E402
 from foodlib.losses.pml import UNSEEN_CLASS_LOGIT, parse_pml_name  # noqa: E402
 
 PAIR = "pml:MultiSimilarityLoss"
