@@ -150,10 +150,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     ValueError covers ConfigError, BadFilesError, ClassMismatchError and the value checks of the
     losses and models. Imported only once an error happened, so the CLI starts fast.
     """
-    from foodlib.io import FolderBusyError
+    from foodlib.io import FolderBusyError, NoSpaceError
     from foodlib.train import CheckpointError, NonFiniteLossError
 
-    return ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError
+    return (ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError,
+            NoSpaceError)
 
 
 def main(argv: list[str] | None = None) -> int:
