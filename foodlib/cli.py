@@ -200,11 +200,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     pretrained weights). Imported only once an error happened, so the CLI starts fast.
     """
     from foodlib.errors import UserError
-    from foodlib.io import FolderBusyError
+    from foodlib.io import FolderBusyError, NoSpaceError
     from foodlib.train import CheckpointError, NonFiniteLossError
 
     return (ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError,
-            UserError)
+            NoSpaceError, UserError)
 
 
 def _one_line(error: BaseException) -> str:

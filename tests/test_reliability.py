@@ -898,3 +898,17 @@ def test_full_disk_during_checkpoint_save_keeps_the_old_one_and_names_the_disk(t
     with pytest.raises(NoSpaceError, match=r"no space left on /.* for the checkpoint last.pt \(the previous one is kept\)"):
         atomic_torch_save(path, {"w": torch.ones(2**20)})
     assert path.read_bytes() == before
+
+
+def test_full_disk_through_the_cli_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    import foodlib.io as io_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    code = cli_main(["train", "--data", "dishes", "--dishes-classes", "2", "--dishes-per-class", "4", "--image-size", "32",
+                     "--backbone", "smallcnn", "--epochs", "1", "--quiet", "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no space left on" in err, err
