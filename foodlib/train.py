@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
-from foodlib.data.augment import augment_options, eval_transform, train_transform
+from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
                                  setup_distributed, wrap_ddp)
@@ -340,7 +340,7 @@ def evaluate(
     sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
     for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        x = eval_transform(images, image_size, channels_last)
+        x = eval_transform(images, image_size, channels_last, **normalization(model))
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             embedding = model(x)
         out = loss(embedding, labels)
@@ -518,10 +518,10 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
                 group["lr"] = base * lr_factor(cfg, global_step, steps_per_epoch)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if cfg.train.augment == "none":
-                x = eval_transform(images, cfg.data.image_size, cfg.train.channels_last)
+                x = eval_transform(images, cfg.data.image_size, cfg.train.channels_last, **normalization(model))
             else:
                 x = train_transform(images, cfg.data.image_size, generator, channels_last=cfg.train.channels_last,
-                                    **augment)
+                                    **augment, **normalization(model))
 
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 embedding, out = forward(x, labels)  # (N, D), LossOutput in float32
