@@ -38,6 +38,7 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.models import EmbeddingNet, create_model
+from foodlib.trainable import apply_trainable
 
 CHECKPOINT_FORMAT = 1
 
@@ -162,6 +163,7 @@ def loss_kwargs(cfg: Config) -> dict[str, Any]:
 def build_model_and_loss(cfg: Config, num_classes: int) -> tuple[EmbeddingNet, DiscriminativeLoss]:
     torch.manual_seed(cfg.train.seed)  # weights and class state depend on the seed alone
     model = create_model(cfg.model.backbone, cfg.model.embedding_dim, cfg.model.pretrained)
+    apply_trainable(model, cfg.model.trainable)  # frozen stages: no gradient, always eval mode
     loss = create_loss(cfg.loss.loss, embedding_dim=model.embedding_dim, num_classes=num_classes, strict=False,
                        **loss_kwargs(cfg))
     return model, loss
