@@ -450,6 +450,11 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     optimizer, center_optimizer = build_optimizers(cfg, model, loss)
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if cfg.model.trainable == "head" and cfg.data.trunk_cache:
+        from foodlib.trunk_cache import with_trunk_features
+
+        # the frozen trunk runs once per image and view (cached across runs); batches become features (N, F)
+        data = with_trunk_features(data, model, cfg, device, amp_dtype, progress=progress)
 
     if info.world_size > 1 and cfg.train.batch_size % info.world_size:
         raise ConfigError(f"batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes")
