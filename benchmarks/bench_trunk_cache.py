@@ -40,7 +40,9 @@ from foodlib.trainable import apply_trainable  # noqa: E402
 from foodlib.train import autocast_dtype  # noqa: E402
 import foodlib.trunk_cache as tc  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "food101-10"
+# ../shared/data/food101-10 from a checkout; from a worktree under /work/wt/<branch>, two levels up
+DATA = next((p for p in (REPO.parent / "shared" / "data" / "food101-10", REPO.parents[1] / "shared" / "data" / "food101-10")
+             if p.is_dir()), REPO.parent / "shared" / "data" / "food101-10")
 
 
 def _loadavg() -> str:
@@ -52,6 +54,8 @@ def _loadavg() -> str:
 
 def bench_build(args) -> None:
     paths = sorted(str(p) for p in (Path(args.data) / "train").rglob("*.jpg"))[:: max(1, 3750 // args.images)][: args.images]
+    if not paths:
+        raise SystemExit(f"no photos under {args.data}/train; pass --data ROOT (food101-10)")
     side = cache_side(args.image_size)
     source = ImageSource(paths, side, build_cache(paths, side, args.decoded_cache, progress=False))
     model = apply_trainable(create_model("efficientnet_lite0", pretrained=True), "head").eval()

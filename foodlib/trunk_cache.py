@@ -110,9 +110,14 @@ def view_inputs(source: ImageSource, image_size: int, norm: dict, augment: str |
 
 @torch.no_grad()
 def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict, augment: str | None, views: int,
-             out: np.ndarray, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, desc: str) -> None:
-    """Fill ``out`` (K, N, F) with the trunk's features; the next batch is prepared while the trunk runs."""
+             file: Path, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, desc: str) -> tuple:
+    """Write the trunk's features (K, N, F) float16 into ``file``; returns the shape.
+
+    The next batch is decoded and augmented (in a thread) while the trunk runs on this one; the file
+    is created at the first output, when F is known (no extra probing forward).
+    """
     trunk.eval()
+    out = None
     bar = tqdm(total=views * len(source), desc=desc, disable=not progress, leave=False, unit="img")
     with ThreadPoolExecutor(1) as pool:  # decode + augment of batch b+1 overlaps the forward of batch b
         for view in range(views):
@@ -126,9 +131,17 @@ def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict,
                 rows, x = item
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     features = trunk(x)  # (B, F)
+                if out is None:
+                    out = np.memmap(file, dtype=np.float16, mode="w+", shape=(views, len(source), features.shape[1]))
                 out[view, rows[0]: rows[-1] + 1] = features.float().cpu().numpy().astype(np.float16)
                 bar.update(len(rows))
     bar.close()
+    if out is None:
+        raise ValueError("the split has no images; nothing to cache")
+    shape = out.shape
+    out.flush()
+    del out
+    return shape
 
 
 def _file_sha256(path: Path) -> str:
@@ -164,15 +177,8 @@ def trunk_features(trunk: nn.Module, source: ImageSource, image_size: int, norm:
                 return _open_checked(data_file, meta_file)
             except TrunkCacheError as error:
                 print(f"{error}; rebuilding it", file=sys.stderr)
-        with torch.no_grad():
-            trunk.eval()  # a full first batch: the kernels it picks serve the build too
-            dim = int(trunk(next(view_inputs(source, image_size, norm, None, 0, device))[1]).shape[1])
-        shape = (views, len(source), dim)
         tmp_file = data_file.with_suffix(".f16.tmp")
-        array = np.memmap(tmp_file, dtype=np.float16, mode="w+", shape=shape)
-        _compute(trunk, source, image_size, norm, augment, views, array, device, amp_dtype, progress, desc)
-        array.flush()
-        del array
+        shape = _compute(trunk, source, image_size, norm, augment, views, tmp_file, device, amp_dtype, progress, desc)
         with open(tmp_file, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_file, data_file)
