@@ -109,3 +109,21 @@ def test_imagenet_head_calls_burritos_burrito_only_with_the_right_normalisation(
     n_right, n_wrong = int((right == BURRITO).sum()), int((wrong == BURRITO).sum())
     assert n_right >= 12, f"only {n_right}/20 burritos with the Lite normalisation"
     assert n_right >= n_wrong + 3, f"{n_right} vs {n_wrong} with ImageNet mean/std"
+
+
+def test_export_metadata_carries_the_backbones_normalisation(tmp_path):
+    """An exported Lite model tells its users mean = std = 0.5, not ImageNet's."""
+    import json
+
+    from foodlib.config import Config
+    from foodlib.inference import InferenceRun, export_metadata
+    from foodlib.losses import create_loss
+
+    cfg = Config.from_flat(backbone="efficientnet_lite0", image_size=160)
+    model = create_model("efficientnet_lite0")
+    run = InferenceRun(tmp_path, model, create_loss("softmax", embedding_dim=1280, num_classes=2), cfg, ["a", "b"],
+                       torch.device("cpu"))
+    pre = json.loads(export_metadata(run)["preprocessing.json"])
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5]
+    run.model = create_model("smallcnn")
+    assert json.loads(export_metadata(run)["preprocessing.json"])["mean"] == list(IMAGENET_MEAN)
