@@ -103,7 +103,6 @@ def bench_head(args) -> None:
     n, dim, classes, epochs = 3375, 1280, 10, args.epochs
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, n)
-    device = torch.device("cpu")
     results = {}
     print(f"load average at start: {_loadavg()}", file=sys.stderr)
     for views in (1, 8):

@@ -46,7 +46,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # see foodlib.list_models(): resnet18/34/50, smallcnn, timm/<name>
     embedding_dim: int | None = None  # None: the backbone's own width (512 for resnet18); 2 for paper plots
-    pretrained: str | bool = False  # False | True (download weights) | path to a local weights file
+    pretrained: str | bool = False  # False | True (efficientnet_liteN: installed weights; others: download) | a weights file
     trainable: str = "all"  # all | head (frozen trunk: neck + loss head only) | last:N (the trunk's last N stages too)
 
 
