@@ -35,6 +35,8 @@ class DataConfig:
     cache: bool = True  # decode + resize each image once into a memory-mapped uint8 cache
     cache_dir: str | None = None  # default: $FOODLIB_CACHE or ~/.cache/foodlib
     bad_files: str = "skip"  # skip (and list in the run folder) | fail
+    trunk_cache: bool = True  # trainable=head: compute the frozen trunk's features once, reuse them in every run
+    trunk_views: int = 8  # trunk cache: augmented views per training image (each epoch picks one per image)
     dishes_classes: int = 10  # embedded dishes: number of classes
     dishes_per_class: int = 300  # embedded dishes: train images per class (test gets a third)
     intra: float | None = None  # embedded dishes: intra-class variation 0..1 (None: generator default)
@@ -46,7 +48,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # see foodlib.list_models(): resnet18/34/50, smallcnn, timm/<name>
     embedding_dim: int | None = None  # None: the backbone's own width (512 for resnet18); 2 for paper plots
-    pretrained: str | bool = False  # False | True (download weights) | path to a local weights file
+    pretrained: str | bool = False  # False | True (efficientnet_liteN: installed weights; others: download) | a weights file
+    trainable: str = "all"  # all | head (frozen trunk: neck + loss head only) | last:N (the trunk's last N stages too)
 
 
 @dataclass
@@ -220,6 +223,12 @@ class Config:
                               f"or between 2 and batch_size={self.train.batch_size}")
         if self.model.embedding_dim is not None and self.model.embedding_dim < 2:
             raise ConfigError(f"embedding_dim={self.model.embedding_dim!r} must be >= 2 (or None for the backbone's width)")
+        from foodlib.trainable import parse_trainable
+
+        try:
+            parse_trainable(self.model.trainable)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self._validate_registry_names()
 
     def _validate_registry_names(self) -> None:
@@ -288,6 +297,7 @@ _RANGES = [  # (field, low, high), inclusive
     ("warmup_epochs", 0.0, 10**6),
     ("epochs", 1, 10**6),
     ("batch_size", 1, 10**6),
+    ("trunk_views", 1, 1000),
     ("workers", 0, 256),
     ("threads", 1, 1024),
     ("samples_per_class", 0, 10**6),

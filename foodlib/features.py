@@ -37,14 +37,14 @@ def extract_features(
     import torch
     from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
-    from foodlib.data.augment import eval_transform
+    from foodlib.data.augment import eval_transform, normalization
 
     device = torch.device(device)
     model.eval()
     embeddings, logits, labels = [], [], []
     with torch.no_grad():
         for images, batch_labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            x = eval_transform(images.to(device, non_blocking=True), image_size, channels_last)
+            x = eval_transform(images.to(device, non_blocking=True), image_size, channels_last, **normalization(model))
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 embedding = model(x)
             embedding = embedding.float()  # (N, D)

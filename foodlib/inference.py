@@ -37,7 +37,7 @@ from torch import nn
 
 from foodlib.cli import command
 from foodlib.config import Config
-from foodlib.data.augment import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, cache_side
+from foodlib.data.augment import CROP_FRACTION, cache_side, normalization
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image_array
 from foodlib.features import extract_features, load_features
 from foodlib.losses import DiscriminativeLoss
@@ -369,7 +369,7 @@ def predict(
     """Top-k classes with probabilities for image files or folders, from the run's best checkpoint.
 
     Preprocessing is the run's evaluation path exactly (decode to the cache's square, center crop,
-    ImageNet normalisation), so a test image gets the prediction the run's test evaluation gave it.
+    the backbone's normalisation), so a test image gets the prediction the run's test evaluation gave it.
 
     Args:
         run_dir: a finished run folder, or an :class:`InferenceRun`.
@@ -743,8 +743,9 @@ def export_metadata(run: InferenceRun) -> dict[str, str]:
         "crop_fraction": CROP_FRACTION,
         "resize": "resize the short side to resize_side (bilinear, antialiased), take the center square, "
                   "then the center image_size crop (image_size = crop_fraction * resize_side)",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(normalization(run.model)["mean"]),
+        "std": list(normalization(run.model)["std"]),
+        "weights_interpolation": getattr(getattr(run.model, "preprocessing", None), "interpolation", "bilinear"),
         "outputs": ["embedding (N, D) float32", "logits (N, C) float32; softmax gives class probabilities"],
     }
     model = {

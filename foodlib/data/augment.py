@@ -3,7 +3,8 @@
 Input batches are uint8 ``(N, S, S, 3)`` (cache layout). Training draws one random resized crop
 and flip per image (on the CPU generator, so results do not depend on the device) and applies them
 all in one ``grid_sample`` call; evaluation takes the deterministic center crop. Both end with
-ImageNet normalisation, in float32, in NCHW shape with channels_last strides when asked (written
+the backbone's normalisation (ImageNet mean/std by default; ``mean``/``std`` from
+:func:`normalization`, e.g. 0.5/0.5 for EfficientNet-Lite), in float32, in NCHW shape with channels_last strides when asked (written
 directly in that layout, no extra copy). Neither waits for the GPU: the only host-to-device copy is
 one small pinned, non-blocking transfer of the per-image random numbers.
 
@@ -31,25 +32,39 @@ def cache_side(image_size: int) -> int:
     return int(round(image_size / CROP_FRACTION))
 
 
+def normalization(model) -> dict:
+    """``{"mean": ..., "std": ...}`` keyword arguments of the transforms for ``model``'s backbone.
+
+    Read from the model's ``preprocessing`` (:class:`foodlib.models.Preprocessing`); a model
+    without one gets ImageNet mean/std.
+    """
+    pre = getattr(model, "preprocessing", None)
+    if pre is None:
+        return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return {"mean": tuple(pre.mean), "std": tuple(pre.std)}
+
+
 @functools.lru_cache(maxsize=None)
-def _normalize_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) with ``(x / 255 - mean) / std == shift + scale * x``, made once per device.
+def _normalize_constants(device: torch.device, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) with ``(x / 255 - mean) / std == shift + scale * x``, made once per device and mean/std.
 
     Cached so that a GPU step does not copy two tiny tensors from the host every batch (a
     pageable host-to-device copy blocks until the GPU's queue has drained).
     """
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
 
 
-def _normalize(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """float 0..255 NCHW -> ImageNet-normalised, as one fused multiply-add written in the wanted layout.
+def _normalize(x: torch.Tensor, channels_last: bool, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+               ) -> torch.Tensor:
+    """float 0..255 NCHW -> normalised, as one fused multiply-add written in the wanted layout.
 
     Writing the result straight into a tensor of the requested memory format saves the separate
     ``.contiguous(memory_format=...)`` copy (a full pass over the batch, noticeable on CPU).
     """
-    shift, scale = _normalize_constants(x.device)
+    shift, scale = _normalize_constants(x.device, tuple(map(float, mean)), tuple(map(float, std)))
     out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.addcmul(shift, x, scale, out=out)
 
@@ -67,15 +82,22 @@ def _nchw(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2)  # a view: NHWC memory is exactly NCHW channels_last
 
 
-def eval_transform(images: torch.Tensor, size: int, channels_last: bool = True) -> torch.Tensor:
-    """Deterministic center crop of ``size`` from uint8 ``(N, S, S, 3)``, normalised ``(N, 3, size, size)``."""
+def eval_transform(images: torch.Tensor, size: int, channels_last: bool = True, mean: tuple = IMAGENET_MEAN,
+                   std: tuple = IMAGENET_STD) -> torch.Tensor:
+    """Deterministic center crop of ``size`` from uint8 ``(N, S, S, 3)``, normalised ``(N, 3, size, size)``.
+
+    A 2-D batch ``(N, F)`` is pooled trunk features from :mod:`foodlib.trunk_cache`, transformed
+    when the cache was built: it passes through unchanged.
+    """
+    if images.ndim == 2:
+        return images
     x = _nchw(images)
     side = x.shape[-1]
     if side < size:
         raise ValueError(f"stored images are {side} px, smaller than the crop {size}; rebuild the cache")
     top = (side - size) // 2
     x = x[:, :, top : top + size, top : top + size].float()
-    return _normalize(x, channels_last)
+    return _normalize(x, channels_last, mean, std)
 
 
 def train_transform(
@@ -88,6 +110,8 @@ def train_transform(
     crop: bool = True,
     color_jitter: float = 0.0,
     channels_last: bool = True,
+    mean: tuple = IMAGENET_MEAN,
+    std: tuple = IMAGENET_STD,
 ) -> torch.Tensor:
     """Random resized crop + horizontal flip (+ colour jitter) for a whole batch at once.
 
@@ -102,7 +126,12 @@ def train_transform(
         flip: random horizontal flip with probability 1/2.
         crop: False keeps the full image (resized to ``size``), e.g. for ``augment="flip"``.
         color_jitter: strength j of brightness / contrast / saturation factors drawn from [1-j, 1+j].
+        mean, std: the backbone's normalisation (:func:`normalization`).
+
+    A 2-D batch ``(N, F)`` (cached trunk features, augmented when the cache was built) passes through.
     """
+    if images.ndim == 2:
+        return images
     x = _nchw(images).float()  # (N, 3, S, S)
     n = x.shape[0]
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731  (CPU draws, then moved)
@@ -148,7 +177,7 @@ def train_transform(
         grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (N, 1, H, W), ITU-R 601 luma
         x = ((x - grey) * saturation + grey).clamp(0, 255)
 
-    return _normalize(x, channels_last)
+    return _normalize(x, channels_last, mean, std)
 
 
 def augment_options(name: str) -> dict:

@@ -1,0 +1,288 @@
+"""The frozen-trunk feature cache: a frozen backbone runs once per image and view, not once per epoch.
+
+With ``trainable="head"`` nothing in the backbone learns, so its pooled outputs ``(N, F)`` are a
+fixed function of the input pixels. They are computed once per
+
+    (data content, split, backbone weights, image size, normalisation, augmentation, views K, autocast dtype)
+
+and reused by every run, loss and seed that shares them:
+
+* train: K augmented views per image, drawn with the run's ``augment`` setting from a fixed view
+  seed (so all seeds share them); epoch e gives image i its view ``(e + offset_i) mod K`` with a
+  per-run random offset, so every view is used once every K epochs;
+* every split (train included, for ``features.npz``): one clean view, the evaluation center crop.
+
+Storage (``<cache_dir>/trunk/<key>.f16`` + ``<key>.json``): raw float16, memory-mapped, nothing
+unpickled; the JSON holds the shape and the file's SHA-256, checked on every open, so a damaged
+file is rebuilt, never used. An exclusive lock per key means parallel runs build an entry once;
+the others wait and then read it. The key hashes the backbone's actual tensors, so other weights
+(another file, another seed of a random trunk) never reuse these features.
+
+>>> data = with_trunk_features(data, model, cfg, device, amp_dtype=None)            # doctest: +SKIP
+>>> images, labels = next(iter(data.loader("train", 64, shuffle=True)))              # doctest: +SKIP
+>>> images.shape, images.dtype                                                       # doctest: +SKIP
+(torch.Size([64, 1280]), torch.float16)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from foodlib.data import Data
+from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
+from foodlib.data.cache import BatchLoader, ImageSource, _locked, cache_key, default_cache_dir
+from foodlib.io import atomic_write_json
+
+TRUNK_CACHE_VERSION = 1  # bump when the view drawing or the stored layout changes
+VIEW_SEED = 20_240_601  # augmented views are drawn from this seed, not the run's: every seed shares them
+BUILD_BATCH = 64  # images per forward while building; fixed, so the views do not depend on it
+
+
+class TrunkCacheError(RuntimeError):
+    """A trunk-feature file does not match its record (damaged); it is rebuilt."""
+
+
+# ----- keys ------------------------------------------------------------------------------------
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of every tensor (parameters and buffers, names, dtypes, shapes, values) of ``module``."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _content_key(source: ImageSource) -> str:
+    """The data content behind a split: the decoded cache's key (file list, sizes, mtimes, side) and the rows."""
+    base = Path(source._file).stem if source._file else cache_key(source.paths, source.side)
+    digest = hashlib.sha256(f"{base}\n".encode())
+    digest.update("\n".join(source.paths).encode())
+    return digest.hexdigest()
+
+
+def trunk_key(source: ImageSource, weights: str, image_size: int, mean, std, augment: str | None, views: int,
+              amp_dtype: torch.dtype | None) -> str:
+    """Hash of everything the stored features depend on (``augment=None``: the clean view)."""
+    record = {
+        "version": TRUNK_CACHE_VERSION, "content": _content_key(source), "weights": weights,
+        "image_size": image_size, "side": source.side, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "augment": augment, "augment_options": augment_options(augment) if augment else None,
+        "views": views, "view_seed": VIEW_SEED, "build_batch": BUILD_BATCH, "amp": str(amp_dtype),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ----- building ------------------------------------------------------------------------------
+
+def view_inputs(source: ImageSource, image_size: int, norm: dict, augment: str | None, view: int,
+                device: torch.device) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Network inputs ``(B, 3, H, W)`` of one view of every image, in row order, with their row indices.
+
+    ``augment=None`` gives the clean evaluation crop; otherwise view ``view`` of ``augment``,
+    drawn from a generator seeded by (VIEW_SEED, view, batch number), so a view is the same
+    whoever builds it.
+    """
+    for b, start in enumerate(range(0, len(source), BUILD_BATCH)):
+        rows = np.arange(start, min(start + BUILD_BATCH, len(source)))
+        images = torch.from_numpy(np.ascontiguousarray(source.get_batch(rows))).to(device)  # (B, S, S, 3) uint8
+        if augment is None or augment == "none":  # fit() trains on the evaluation crop with augment="none"
+            x = eval_transform(images, image_size, **norm)
+        else:
+            seed = int(np.random.SeedSequence([VIEW_SEED, view, b]).generate_state(1)[0])
+            x = train_transform(images, image_size, torch.Generator().manual_seed(seed), **augment_options(augment),
+                                **norm)
+        yield rows, x
+
+
+@torch.no_grad()
+def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict, augment: str | None, views: int,
+             file: Path, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, desc: str) -> tuple:
+    """Write the trunk's features (K, N, F) float16 into ``file``; returns the shape.
+
+    The next batch is decoded and augmented (in a thread) while the trunk runs on this one; the file
+    is created at the first output, when F is known (no extra probing forward).
+    """
+    trunk.eval()
+    out = None
+    bar = tqdm(total=views * len(source), desc=desc, disable=not progress, leave=False, unit="img")
+    with ThreadPoolExecutor(1) as pool:  # decode + augment of batch b+1 overlaps the forward of batch b
+        for view in range(views):
+            batches = view_inputs(source, image_size, norm, augment, view, device)
+            pending = pool.submit(next, batches, None)
+            while True:
+                item = pending.result()
+                if item is None:
+                    break
+                pending = pool.submit(next, batches, None)
+                rows, x = item
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    features = trunk(x)  # (B, F)
+                if out is None:
+                    out = np.memmap(file, dtype=np.float16, mode="w+", shape=(views, len(source), features.shape[1]))
+                out[view, rows[0]: rows[-1] + 1] = features.float().cpu().numpy().astype(np.float16)
+                bar.update(len(rows))
+    bar.close()
+    if out is None:
+        raise ValueError("the split has no images; nothing to cache")
+    shape = out.shape
+    out.flush()
+    del out
+    return shape
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def trunk_features(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict, augment: str | None,
+                   views: int, device: torch.device, amp_dtype: torch.dtype | None = None,
+                   cache_dir: str | Path | None = None, progress: bool = True, desc: str = "trunk",
+                   weights: str | None = None) -> np.ndarray:
+    """The cached features ``(K, N, F)`` float16 of one split (K = 1 for the clean view), built when missing.
+
+    Args:
+        trunk: the frozen backbone (images -> pooled ``(N, F)``).
+        source: the split's images.
+        norm: ``{"mean", "std"}`` of the backbone (:func:`foodlib.data.augment.normalization`).
+        augment: None for the clean center crop, else the ``augment`` setting of the views.
+        views: K (1 for the clean view).
+        weights: :func:`weights_digest` of ``trunk`` when already known.
+    """
+    views = 1 if augment is None else views
+    weights = weights or weights_digest(trunk)
+    key = trunk_key(source, weights, image_size, norm["mean"], norm["std"], augment, views, amp_dtype)
+    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "trunk"
+    data_file, meta_file = folder / f"{key}.f16", folder / f"{key}.json"
+    with _locked(folder / f"{key}.lock"):
+        if meta_file.is_file() and data_file.is_file():
+            try:
+                return _open_checked(data_file, meta_file)
+            except TrunkCacheError as error:
+                print(f"{error}; rebuilding it", file=sys.stderr)
+        tmp_file = data_file.with_suffix(".f16.tmp")
+        shape = _compute(trunk, source, image_size, norm, augment, views, tmp_file, device, amp_dtype, progress, desc)
+        with open(tmp_file, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_file, data_file)
+        atomic_write_json(meta_file, {"shape": list(shape), "dtype": "float16", "sha256": _file_sha256(data_file),
+                                      "augment": augment, "views": views, "image_size": image_size,
+                                      "n": len(source), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      "version": TRUNK_CACHE_VERSION})
+        return _open_checked(data_file, meta_file)
+
+
+def _open_checked(data_file: Path, meta_file: Path) -> np.ndarray:
+    """Memory-map a stored entry after checking its size and SHA-256 against its record."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        shape = tuple(int(s) for s in meta["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrunkCacheError(f"trunk cache record {meta_file} is unreadable ({error})") from None
+    expected = int(np.prod(shape)) * 2
+    if data_file.stat().st_size != expected:
+        raise TrunkCacheError(f"trunk cache file {data_file} has {data_file.stat().st_size} bytes, its record says {expected}")
+    if _file_sha256(data_file) != meta.get("sha256"):
+        raise TrunkCacheError(f"trunk cache file {data_file} does not match its SHA-256 (damaged)")
+    return np.memmap(data_file, dtype=np.float16, mode="r", shape=shape)
+
+
+# ----- loading: a Data whose batches are features ------------------------------------------------
+
+class FeatureSource:
+    """Batches of cached features ``(B, F)`` float16 for row indices, like :class:`ImageSource` gives images.
+
+    ``views`` (K, N, F) are the augmented views (train), ``clean`` (1, N, F) the evaluation view.
+    With ``augmented`` set, row i of epoch e comes from view ``(e + offset_i) mod K``.
+    """
+
+    def __init__(self, clean: np.ndarray, views: np.ndarray | None = None):
+        self.clean, self.views = clean, views
+        self.augmented = False
+        self.epoch, self.offsets = 0, np.zeros(clean.shape[1], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[1])
+
+    def get_batch(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices)
+        if not self.augmented or self.views is None:
+            return np.asarray(self.clean[0, indices])  # (B, F)
+        view = (self.epoch + self.offsets[indices]) % self.views.shape[0]
+        return np.asarray(self.views[view, indices])  # (B, F)
+
+
+class FeatureLoader(BatchLoader):
+    """A :class:`BatchLoader` over cached features: same order (seed, epoch, ranks), features for images."""
+
+    def __init__(self, source: FeatureSource, labels, batch_size: int, shuffle: bool, seed: int = 0,
+                 augmented: bool | None = None, **kw):
+        kw["workers"] = 0  # a memcpy per batch: worker processes would only cost
+        kw.pop("pin_memory", None)
+        view_source = FeatureSource(source.clean, source.views)
+        view_source.augmented = shuffle if augmented is None else augmented
+        view_source.offsets = np.random.default_rng([seed, 1]).integers(
+            0, source.views.shape[0] if source.views is not None else 1, len(source))
+        super().__init__(view_source, labels, batch_size, shuffle, seed, **kw)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.source.epoch = epoch
+
+
+@dataclass
+class FeatureData(Data):
+    """A :class:`~foodlib.data.Data` whose sources are cached trunk features (see the module docstring).
+
+    ``loader(split, shuffle=True)`` gives augmented views, ``shuffle=False`` the clean view.
+    """
+
+    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, **kw) -> FeatureLoader:
+        kw.setdefault("drop_last", shuffle)
+        return FeatureLoader(self.sources[split], self.labels(split), batch_size, shuffle, seed, **kw)
+
+
+def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
+                        amp_dtype: torch.dtype | None = None, progress: bool = True) -> FeatureData:
+    """``data`` with every split replaced by the frozen trunk's cached features (built when missing).
+
+    Args:
+        data: the image data (:func:`foodlib.data.load_data`).
+        model: an EmbeddingNet whose whole backbone is frozen (``trainable="head"``).
+        cfg: the run's Config (image_size, augment, trunk_views, cache_dir).
+    """
+    from foodlib.trainable import trunk_is_frozen
+
+    if not trunk_is_frozen(model):
+        raise ValueError("the trunk cache needs a frozen backbone (trainable='head'); this one trains")
+    norm, weights = normalization(model), weights_digest(model.backbone)
+    common = dict(trunk=model.backbone, image_size=cfg.data.image_size, norm=norm, device=device, amp_dtype=amp_dtype,
+                  cache_dir=cfg.data.cache_dir, progress=progress, weights=weights)
+    sources = {}
+    for split, source in data.sources.items():
+        if len(source) == 0:
+            continue
+        clean = trunk_features(source=source, augment=None, views=1, desc=f"trunk {split} clean", **common)
+        views = None
+        if split == "train" and cfg.train.augment != "none":
+            views = trunk_features(source=source, augment=cfg.train.augment, views=cfg.data.trunk_views,
+                                   desc=f"trunk train x{cfg.data.trunk_views}", **common)
+        sources[split] = FeatureSource(clean, views)
+    return FeatureData(data.index, data.side, sources, data.bad_files)

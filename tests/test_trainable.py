@@ -1,0 +1,49 @@
+"""trainable = all | head | last:N: which parameters learn, and frozen BatchNorm statistics stay put."""
+import pytest
+import torch
+
+from foodlib.config import Config, ConfigError
+from foodlib.models import create_model, list_models
+from foodlib.trainable import apply_trainable, parse_trainable, trunk_is_frozen, trunk_stages
+
+
+def test_parse_trainable():
+    assert parse_trainable("all") is None and parse_trainable("head") == 0 and parse_trainable("last:3") == 3
+    for bad in ("last:0", "last", "tail", "last:-1"):
+        with pytest.raises(ValueError, match="all | head | last:N"):
+            parse_trainable(bad)
+    with pytest.raises(ConfigError, match="trainable='some'"):
+        Config.from_flat(trainable="some")
+    assert Config.from_flat(trainable="last:2").model.trainable == "last:2"
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet50"])
+def test_head_freezes_the_whole_trunk_and_last_n_its_last_stages(name):
+    model = apply_trainable(create_model(name, embedding_dim=8), "head")
+    assert trunk_is_frozen(model)
+    assert all(p.requires_grad for p in model.neck.parameters())
+    stages = trunk_stages(model.backbone)
+    assert len(stages) >= 4
+    model = apply_trainable(model, "last:2")
+    trains = [any(p.requires_grad for p in s.parameters()) for s in stages]
+    assert trains == [False] * (len(stages) - 2) + [True, True]
+    assert not trunk_is_frozen(model)
+    model = apply_trainable(model, "all")
+    assert all(p.requires_grad for p in model.parameters()) and model.frozen == []
+    with pytest.raises(ValueError, match="only"):
+        apply_trainable(model, f"last:{len(stages) + 1}")
+
+
+def test_frozen_stages_stay_in_eval_mode_and_do_not_move():
+    torch.manual_seed(0)
+    model = apply_trainable(create_model("smallcnn", embedding_dim=4), "last:1").train()
+    frozen_bn = model.backbone[1]  # first BatchNorm, in a frozen stage
+    last_bn = [m for m in model.backbone if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    assert not frozen_bn.training and last_bn.training and model.neck.training
+    before = {k: v.clone() for k, v in model.backbone[:4].state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(8, 3, 16, 16)).square().mean().backward()
+    optimizer.step()
+    after = model.backbone[:4].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and running statistics
+    assert model.backbone[0].weight.grad is None  # no gradient reaches a frozen stage
