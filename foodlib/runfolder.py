@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from foodlib.messages import logger
+
 #: Files a run writes once it has trained (any one of them means: results live here).
 RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz")
 #: Folders of results, replaced together with the files on ``overwrite``.
@@ -43,7 +45,7 @@ def run_results(run_dir: Path) -> list[str]:
     return [name for name in (*RESULT_FILES, *RESULT_FOLDERS) if (run_dir / name).exists()]
 
 
-def check_run_folder(run_dir: Path, cfg, log: Callable[[str], None] = print) -> None:
+def check_run_folder(run_dir: Path, cfg, log: Callable[[str], None] = logger.info) -> None:
     """Refuse to train over results in ``run_dir`` unless asked, in one line naming the files and the fix.
 
     - ``resume`` with ``last.pt``: allowed (``fit`` then checks that the config matches).

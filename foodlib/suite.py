@@ -51,6 +51,7 @@ from foodlib.cli import command
 from foodlib.config import Config, ConfigError
 from foodlib.gpu_slots import GpuSlots, kernel_manager_with_env
 from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
+from foodlib.messages import logger
 from foodlib.runfolder import retire_run_folder
 
 #: Config fields that change how a run executes, not what it computes: ignored when deciding
@@ -274,7 +275,7 @@ def run_suite(
     device: str | None = None,
     readme_pictures: bool | str | Path = False,
     jobs: int = 1,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> SuiteResult:
     """Run every planned run that is not complete, then the comparison notebook.
 
@@ -430,7 +431,7 @@ def _run_one(run: PlannedRun, spec: SuiteSpec, declared: set[str], quiet: bool, 
 
 
 def run_compare(spec: SuiteSpec, suite_dir: Path, quiet: bool = False, readme_pictures: bool | str | Path = False,
-                log: Callable[[str], None] = print) -> RunOutcome:
+                log: Callable[[str], None] = logger.info) -> RunOutcome:
     """Execute the comparison notebook into ``suite_dir/compare.ipynb`` (it writes ``report.md``)."""
     notebook_out = suite_dir / COMPARE_NOTEBOOK
     copy_to = None

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from foodlib import suite as S
+from foodlib.messages import logger
 
 CLAIMS_DIR = ".claims"  # inside the suite folder; not inside run folders, which a stale rerun may clear
 COMPARE_CLAIM = "_compare"
@@ -51,7 +52,7 @@ def run_worker(
     quiet: bool = False,
     device: str | None = None,
     readme_pictures: bool | str | Path = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> S.SuiteResult:
     """Execute every run of the suite that no other worker holds and that is not complete.
 

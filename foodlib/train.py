@@ -40,6 +40,7 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
                                  setup_distributed, wrap_ddp)
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss
+from foodlib.messages import logger
 from foodlib.models import EmbeddingNet, create_model
 from foodlib.precision import describe_device_and_precision
 from foodlib.runfolder import check_run_folder, check_writable
@@ -478,7 +479,7 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
         torch.backends.cudnn.benchmark = True  # fixed shapes (training drops the last partial batch): pick once
     main = info.is_main
     progress = main and not cfg.train.quiet
-    log = print if main else (lambda *a, **k: None)
+    log = logger.info if main else (lambda *a, **k: None)
 
     # -- run folder --------------------------------------------------------------------------
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"

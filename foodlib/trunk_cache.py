@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +176,7 @@ def trunk_features(trunk: nn.Module, source: ImageSource, image_size: int, norm:
             try:
                 return _open_checked(data_file, meta_file)
             except TrunkCacheError as error:
-                print(f"{error}; rebuilding it", file=sys.stderr)
+                warnings.warn(f"{error}; rebuilding it", stacklevel=2)
         tmp_file = data_file.with_suffix(".f16.tmp")
         shape = _compute(trunk, source, image_size, norm, augment, views, tmp_file, device, amp_dtype, progress, desc)
         with open(tmp_file, "rb+") as f:

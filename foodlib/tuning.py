@@ -81,6 +81,7 @@ from foodlib.cli import command
 from foodlib.config import Config, ConfigError
 from foodlib.io import atomic_write_text
 from foodlib.suite import RUNTIME_FIELDS, SUITE_FIELDS, SuiteError, SuiteSpec, load_suite
+from foodlib.messages import logger
 
 SEARCH_KEYS = ("trials", "objective", "direction", "seed", "startup_trials", "pruner", "shared", "losses")
 PRUNER_KEYS = ("startup_trials", "warmup_epochs")
@@ -475,7 +476,7 @@ def tune(
     grace_s: float = 120.0,
     poll_s: float = 5.0,
     quiet: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> TuneResult:
     """Tune every loss of ``suite`` with the same budget, then write the best-settings suite and the report.
 

@@ -15,7 +15,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import torch
 
 from foodlib.io import (atomic_write_json, atomic_write_text, cache_home, check_free_space, lock_file, no_space_error,
                         read_json_or_none, unlock_file)
+from foodlib.messages import logger
 from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
 
@@ -265,8 +265,8 @@ def _mention_other_caches(folder: Path, key: str, paths: Sequence[str]) -> None:
             except FileNotFoundError:  # removed meanwhile by a prune
                 pass
     if others:
-        print(f"{len(others)} other decoded cache(s) of {root} take {format_size(sum(others))} in {folder}: "
-              "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed", file=sys.stderr)
+        logger.info(f"{len(others)} other decoded cache(s) of {root} take {format_size(sum(others))} in {folder}: "
+                    "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed")
 
 
 class ImageSource:
