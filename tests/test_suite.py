@@ -320,9 +320,9 @@ def test_repository_suites_are_valid():
     suites = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
     assert {p.name for p in suites} >= {"demo.yaml", "food101-10.yaml"}
     for path in suites:
-        runs = S.plan_suite(S.load_suite(path))
+        runs = S.plan_suite(S.load_suite(path, tuning="search:" in path.read_text()))  # tuning suites: foodlib tune
         assert runs and all(r.error is None for r in runs), path
-        assert {r.loss for r in runs} == {"softmax", "center", "lgm", "island"}
+        assert {r.loss for r in runs} >= {"softmax", "center", "lgm", "island"}, path
 
 
 # ----- the real thing -------------------------------------------------------------------------------------
