@@ -17,7 +17,7 @@ AdamW at foodlib's default lr with its cosine schedule. Printed per option:
 * ``train CE end``: mean CE (margin logits) of the last 20 steps;
 * ``val top-1`` from ``loss.predict`` (margin-free) after the last step, chance = 1 / C.
 
-    PYTHONPATH=$PWD nice -n 10 python benchmarks/bench_lgm_scale.py --steps 200 --threads 1
+    PYTHONPATH=$PWD nice -n 10 python benchmarks/bench_lgm_scale.py --steps 150 --threads 1 --jobs 3
 """
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def val_top1(model, loss, data, cfg):
 
 
 def run_option(name, options, embedding_dim, data, args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if data is None:  # in a worker process: the decoded cache is shared on disk
+        data = load_data(Config.from_flat(data="dishes", image_size=args.image_size), progress=False)
     cfg = Config.from_flat(data="dishes", image_size=args.image_size, backbone="resnet18", embedding_dim=embedding_dim,
                            loss="lgm", lam=args.lam, alpha=0.3, augment="flip", seed=args.seed, amp="off",
                            channels_last=False, batch_size=args.batch_size)
@@ -101,7 +105,7 @@ def run_option(name, options, embedding_dim, data, args):
             out = loss(embedding, labels)  # the first call starts the loss
             if step == 0:
                 d_y = loss.half_mahalanobis(embedding.detach().float()).gather(1, labels[:, None]).mean()
-                penalty0 = float((loss.alpha + loss.lam) * d_y)
+                penalty0 = float((loss.alpha + loss.lam) * d_y.detach())
                 ce0 = float(out.terms["ce"])
                 before = batch_spread(loss, embedding)
             if step >= args.steps - 10:
@@ -121,12 +125,13 @@ def run_option(name, options, embedding_dim, data, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lam", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="options trained in parallel processes")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of option names to run")
     args = parser.parse_args()
     if args.threads:
@@ -137,10 +142,17 @@ def main():
     header = (f"| start | penalty0 (nats) | ce0 | s | ||x||^2 0 -> N | spread N/0 | d_k std 0 -> N | train CE end "
               f"| val top-1 | s/option |")
     rows = []
-    for name, (options, embedding_dim) in OPTIONS.items():
-        if args.only and not any(o in name for o in args.only):
-            continue
-        r = run_option(name, options, embedding_dim, data, args)
+    chosen = {name: value for name, value in OPTIONS.items() if not args.only or any(o in name for o in args.only)}
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_option, name, options, dim, None, args) for name, (options, dim) in chosen.items()]
+            results = [f.result() for f in futures]
+    else:
+        results = [run_option(name, options, dim, data, args) for name, (options, dim) in chosen.items()]
+    for r in results:
         b, a = r["before"], r["after"]
         rows.append(f"| {name} | {r['penalty0']:.2f} | {r['ce0']:.2f} | {r['scale']:.3g} | {b['x2']:.3g} -> {a['x2']:.3g} "
                     f"| {a['spread'] / b['spread']:.3g} | {b['dk_std']:.3g} -> {a['dk_std']:.3g} | {r['ce_end']:.3f} "

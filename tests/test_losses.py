@@ -887,3 +887,70 @@ def test_short_training_lowers_the_loss_and_tightens_classes(name, softmax_run):
         # scale-free: share of the embedding's variance left inside classes, same seed and budget
         assert ratio < 0.9 * softmax_ratio, f"{name}: within/total {ratio:.3f} vs softmax {softmax_ratio:.3f}"
         assert within < softmax_within
+
+
+# ----- L-GM at the papers' settings on raw ResNet-18 features (issue 18) --------------------------
+
+
+@pytest.mark.slow
+def test_lgm_at_the_authors_settings_learns_on_raw_resnet18_features():
+    """ResNet-18's raw 512-d pooled features, no neck, alpha 0.1 -> 0.3, lam 0.1: no collapse.
+
+    Before the scale-aware start this setting fell into L-GM's trivial solution: every feature
+    shrank onto the means (||x||^2 857 -> 0.9 in 120 steps), the distances d_k became alike for
+    every class and CE stuck at ln C. Here the embedded dishes (10 classes, 32 px) train for 120
+    steps of batch 32; the spread of the features and of d_k across classes must stay, and val
+    top-1 must rise well above chance (0.1).
+    """
+    from foodlib.config import Config
+    from foodlib.data import load_data
+    from foodlib.data.augment import augment_options, eval_transform, train_transform
+    from foodlib.train import build_model_and_loss, build_optimizers, epoch_generator, lr_factor
+
+    steps = 120
+    cfg = Config.from_flat(data="dishes", image_size=32, backbone="resnet18", loss="lgm", lam=0.1, alpha=0.3,
+                           augment="flip", amp="off", channels_last=False, batch_size=32, seed=0, epochs=2)
+    data = load_data(cfg, progress=False)
+    model, loss = build_model_and_loss(cfg, data.num_classes)
+    assert (loss.start, loss.current_alpha, loss.lam) == ("scale", pytest.approx(0.1), 0.1)
+    optimizer, _ = build_optimizers(cfg, model, loss)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = len(data.loader("train", cfg.train.batch_size, shuffle=True, seed=0))
+
+    def spread(embedding):  # mean squared distance to the batch mean (raw units), d_k std across classes
+        x = embedding.detach().float()
+        return np.array([float((x - x.mean(0)).pow(2).sum(1).mean()), float(loss.predict(x).std(1).mean())])
+
+    step, first, last = 0, None, []
+    for epoch in range(cfg.train.epochs):
+        loss.set_progress(epoch, cfg.train.epochs)
+        generator = epoch_generator(0, epoch)
+        loader = data.loader("train", cfg.train.batch_size, shuffle=True, seed=0)
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            if step == steps:
+                break
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(cfg, step, steps_per_epoch)
+            embedding = model(train_transform(images, 32, generator, channels_last=False, **augment_options("flip")))
+            out = loss(embedding, labels)
+            if step == 0:
+                first = spread(embedding)
+                own = loss.half_mahalanobis(embedding.detach().float()).gather(1, labels[:, None]).mean()
+                assert float((loss.alpha + loss.lam) * own) == pytest.approx(1.0, rel=1e-3)  # starting penalty
+            elif step >= steps - 10:
+                last.append(spread(embedding))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            step += 1
+    assert loss.current_alpha == pytest.approx(0.3)
+    last = np.mean(last, axis=0)
+    assert last[0] > 0.1 * first[0], f"feature spread shrank {first[0]:.3g} -> {last[0]:.3g}"
+    assert last[1] > first[1], f"d_k spread across classes {first[1]:.3g} -> {last[1]:.3g}"
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((loss.predict(model(eval_transform(images, 32, False))).argmax(1) == labels).sum())
+                   for images, labels in data.loader("val", 128, shuffle=False))
+    top1 = hits / len(data.labels("val"))
+    assert top1 > 0.25, f"val top-1 {top1:.3f} (chance 0.1)"

@@ -146,7 +146,8 @@ class LGMLoss(DiscriminativeLoss):
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
-        self.register_buffer("started", torch.tensor(start == "none"))
+        # uint8, not bool: every collective backend (gloo's broadcast in broadcast_state) takes it
+        self.register_buffer("started", torch.tensor(int(start == "none"), dtype=torch.uint8))
         self._started = start == "none"  # host copy: checking the buffer every step would sync a GPU
 
     def extra_repr(self) -> str:
@@ -195,14 +196,14 @@ class LGMLoss(DiscriminativeLoss):
         self.log_scale.fill_(log_scale)
         if self.start in ("means", "scale_means"):
             self.means[present] = (class_means / math.exp(log_scale)).to(self.means.dtype)
-        self.started.fill_(True)
+        self.started.fill_(1)
         self._started = True
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # A checkpoint from before the start existed: its means are in raw units and already trained.
         if prefix + "means" in state_dict and prefix + "started" not in state_dict:
-            state_dict[prefix + "started"] = torch.tensor(True)
+            state_dict[prefix + "started"] = torch.tensor(1, dtype=torch.uint8)
             state_dict.setdefault(prefix + "log_scale", torch.zeros(()))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
