@@ -8,7 +8,7 @@ AdamW at foodlib's default lr with its cosine schedule. Printed per option:
 * ``penalty0``: ``(alpha + lam) * mean d_y`` on the first training batch right after the start,
   with alpha and lam at their final values (nats; ``ln C`` is 2.3 for 10 classes);
 * ``ce0``: the cross-entropy of that batch (margin at its warm-up start);
-* ``||x||^2 0 -> N``: mean ``||x||^2`` of the raw embeddings of the first training batch and of
+* ``x.x 0 -> N``: mean ``||x||^2`` of the raw embeddings of the first training batch and of
   the last 10 (train-mode BatchNorm, as the loss sees them);
 * ``spread N/0``: feature spread, the embeddings' mean squared distance to their batch mean (raw
   units), last 10 batches over the first; ~0 is the collapse;
@@ -17,7 +17,7 @@ AdamW at foodlib's default lr with its cosine schedule. Printed per option:
 * ``train CE end``: mean CE (margin logits) of the last 20 steps;
 * ``val top-1`` from ``loss.predict`` (margin-free) after the last step, chance = 1 / C.
 
-    PYTHONPATH=$PWD nice -n 10 python benchmarks/bench_lgm_scale.py --steps 150 --threads 1 --jobs 3
+    PYTHONPATH=$PWD nice -n 10 python benchmarks/bench_lgm_scale.py --steps 150 --threads 1 --jobs 6
 """
 from __future__ import annotations
 
@@ -118,9 +118,11 @@ def run_option(name, options, embedding_dim, data, args):
     after = torch.stack(last_batches).mean(0)
     before = dict(zip(("x2", "spread", "dk_std"), before.tolist()))
     after = dict(zip(("x2", "spread", "dk_std"), after.tolist()), top1=val_top1(model, loss, data, cfg))
-    return {"name": name, "penalty0": penalty0, "ce0": ce0, "before": before, "after": after,
-            "ce_end": sum(ce_last[-20:]) / len(ce_last[-20:]), "scale": math.exp(float(loss.log_scale)),
+    result = {"name": name, "penalty0": penalty0, "ce0": ce0, "before": before, "after": after,
+            "ce_end": sum(ce_last[-20:]) / len(ce_last[-20:]), "scale": math.exp(float(loss.log_scale.detach())),
             "seconds": time.time() - t0}
+    print(result, flush=True)  # each option as it ends
+    return result
 
 
 def main():
@@ -139,7 +141,7 @@ def main():
     data = load_data(Config.from_flat(data="dishes", image_size=args.image_size), progress=False)
     print(f"dishes: {data.num_classes} classes, {len(data.labels('train'))} train / {len(data.labels('val'))} val, "
           f"{args.image_size} px, batch {args.batch_size}, {args.steps} steps, lam {args.lam}, alpha 0.1 -> 0.3, seed {args.seed}")
-    header = (f"| start | penalty0 (nats) | ce0 | s | ||x||^2 0 -> N | spread N/0 | d_k std 0 -> N | train CE end "
+    header = (f"| start | penalty0 (nats) | ce0 | s | x.x 0 -> N | spread N/0 | d_k std 0 -> N | train CE end "
               f"| val top-1 | s/option |")
     rows = []
     chosen = {name: value for name, value in OPTIONS.items() if not args.only or any(o in name for o in args.only)}
@@ -149,12 +151,12 @@ def main():
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(run_option, name, options, dim, None, args) for name, (options, dim) in chosen.items()]
-            results = [f.result() for f in futures]
+            results = [f.result() for f in futures]  # in the table's order
     else:
         results = [run_option(name, options, dim, data, args) for name, (options, dim) in chosen.items()]
     for r in results:
         b, a = r["before"], r["after"]
-        rows.append(f"| {name} | {r['penalty0']:.2f} | {r['ce0']:.2f} | {r['scale']:.3g} | {b['x2']:.3g} -> {a['x2']:.3g} "
+        rows.append(f"| {r['name']} | {r['penalty0']:.2f} | {r['ce0']:.2f} | {r['scale']:.3g} | {b['x2']:.3g} -> {a['x2']:.3g} "
                     f"| {a['spread'] / b['spread']:.3g} | {b['dk_std']:.3g} -> {a['dk_std']:.3g} | {r['ce_end']:.3f} "
                     f"| {a['top1']:.3f} | {r['seconds']:.0f} |")
         print(rows[-1], flush=True)

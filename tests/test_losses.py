@@ -917,6 +917,7 @@ def test_lgm_at_the_authors_settings_learns_on_raw_resnet18_features():
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = len(data.loader("train", cfg.train.batch_size, shuffle=True, seed=0))
 
+    @torch.no_grad()
     def spread(embedding):  # mean squared distance to the batch mean (raw units), d_k std across classes
         x = embedding.detach().float()
         return np.array([float((x - x.mean(0)).pow(2).sum(1).mean()), float(loss.predict(x).std(1).mean())])
