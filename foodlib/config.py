@@ -61,7 +61,7 @@ class LossConfig:
     center_lr: float = 0.5  # learning rate of the centers when update="sgd" (SGD, not scaled by lam)
     covariance: str = "identity"  # L-GM covariance: identity | diagonal
     lam_island: float | None = None  # island loss: weight of the center-separation term
-    alpha_warmup_epochs: int = 0  # L-GM: ramp the margin from 0.1*alpha to alpha over this many epochs
+    alpha_warmup_epochs: int | None = None  # L-GM: ramp the margin from alpha/3 to alpha over this many epochs (None: first third of the run, 0: fixed)
     lam_warmup_epochs: int = 0  # ramp lam linearly from 0 over this many epochs (0: no warm-up)
     # Options below are validated by the loss itself (foodlib.losses.check_loss_options); None: its default.
     margin: float | None = None  # cosface / arcface margin m (None: the papers' 0.35 / 0.5 rad)

@@ -600,6 +600,8 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
 
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 embedding, out = forward(x, labels)  # (N, D), LossOutput in float32
+            with torch.no_grad():  # top-1/top-5 from the margin-free logits (as in val), before the step changes the head
+                predicted = loss.predict(embedding.detach())  # (N, C); loss and terms keep the margin
             watch.observe(step, out)
             watch.check(epoch, step, kept_checkpoint(last_path, epoch))
 
@@ -613,7 +615,7 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
             scaler.update()
             loss.update_centers(embedding.detach().float(), labels)  # Center Loss Algorithm 1 (paper mode)
 
-            sums += batch_stats(out, out.logits.detach(), labels, loss.term_names)  # training logits (margin on)
+            sums += batch_stats(out, predicted, labels, loss.term_names)
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", top1=f"{float(sums[1] / sums[0]):.3f}")
         train = summarise_stats(sums, loss.term_names)

@@ -254,6 +254,19 @@ def test_center_paper_update_all_reduces_sums_and_counts(monkeypatch):
     assert local.centers[0].tolist() != pytest.approx(distributed.centers[0].tolist(), abs=1e-3)
 
 
+def island_paper_step_by_hand(centers: np.ndarray, lambda_1: float) -> np.ndarray:
+    """Cai et al.'s island part of the center update, written as in the paper:
+    lambda_1 / (C - 1) * sum_{k != j} (c_k / (|c_k| |c_j|) - (c_k . c_j) c_j / (|c_k| |c_j|^3))."""
+    c = len(centers)
+    step = np.zeros_like(centers)
+    for j in range(c):
+        for k in range(c):
+            if j != k:
+                nj, nk = np.linalg.norm(centers[j]), np.linalg.norm(centers[k])
+                step[j] += centers[k] / (nk * nj) - (centers[k] @ centers[j]) * centers[j] / (nk * nj ** 3)
+    return lambda_1 / (c - 1) * step
+
+
 def _two_rank_update(rank: int, world_size: int, init_file: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -324,7 +337,7 @@ def lgm_reference(x: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, lo
 def test_lgm_value_logits_and_gradients_match_loop_reference(covariance):
     x, labels = tiny_batch()
     alpha, lam = 0.3, 0.1
-    loss = LGMLoss(2, 3, lam=lam, alpha=alpha, covariance=covariance)
+    loss = LGMLoss(2, 3, lam=lam, alpha=alpha, covariance=covariance, alpha_warmup_epochs=0, start="none")
     with torch.no_grad():
         loss.means.copy_(torch.tensor(MEANS_3x2))
         if covariance == "diagonal":
@@ -361,7 +374,7 @@ def test_lgm_value_logits_and_gradients_match_loop_reference(covariance):
 def test_lgm_margin_only_in_training_logits():
     x, labels = tiny_batch()
     alpha = 0.5
-    loss = LGMLoss(2, 3, alpha=alpha)
+    loss = LGMLoss(2, 3, alpha=alpha, alpha_warmup_epochs=0, start="none")
     with torch.no_grad():
         loss.means.copy_(torch.tensor(MEANS_3x2))
     train = loss(x, labels).logits
@@ -376,7 +389,7 @@ def test_lgm_margin_only_in_training_logits():
 
 def test_lgm_without_margin_and_regularizer_is_cross_entropy_over_negative_distances():
     x, labels = tiny_batch()
-    loss = LGMLoss(2, 3, alpha=0.0, lam=0.0)
+    loss = LGMLoss(2, 3, alpha=0.0, lam=0.0, start="none")
     with torch.no_grad():
         loss.means.copy_(torch.tensor(MEANS_3x2))
     rows = [[-half_distance_by_hand(xi, MEANS_3x2[k]) for k in range(3)] for xi in x.tolist()]
@@ -385,7 +398,7 @@ def test_lgm_without_margin_and_regularizer_is_cross_entropy_over_negative_dista
 
 
 def test_lgm_margin_warmup_ramps_alpha_linearly():
-    loss = LGMLoss(2, 3, alpha=0.3, alpha_start=0.1, alpha_warmup_epochs=2)
+    loss = LGMLoss(2, 3, alpha=0.3, alpha_start=0.1, alpha_warmup_epochs=2, start="none")
     seen = []
     for epoch in range(4):
         loss.set_progress(epoch, epochs=4)
@@ -398,13 +411,28 @@ def test_lgm_margin_warmup_ramps_alpha_linearly():
         loss.means.copy_(torch.tensor(MEANS_3x2))
     d_own = half_distance_by_hand(x[0].tolist(), MEANS_3x2[labels[0]])
     assert loss(x, labels).logits[0, labels[0]].item() == pytest.approx(-1.2 * d_own, abs=1e-6)
-    # default start: a tenth of alpha
-    assert LGMLoss(2, 3, alpha=0.3, alpha_warmup_epochs=5).current_alpha == pytest.approx(0.03)
+    # default start: a third of alpha (the authors' 0.1 for 0.3)
+    assert LGMLoss(2, 3, alpha=0.3, alpha_warmup_epochs=5).current_alpha == pytest.approx(0.1)
+
+
+def test_lgm_default_margin_warmup_is_the_first_third_of_the_run():
+    loss = LGMLoss(2, 3, alpha=0.3)
+    assert loss.current_alpha == pytest.approx(0.1)
+    seen = []
+    for epoch in range(7):
+        loss.set_progress(epoch, epochs=6)  # warm-up round(6 / 3) = 2 epochs: 0.1, 0.2, then 0.3
+        seen.append(loss.current_alpha)
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3])
+    loss.set_progress(0, epochs=1)  # at least one epoch of warm-up
+    assert loss.current_alpha == pytest.approx(0.1)
+    fixed = LGMLoss(2, 3, alpha=0.3, alpha_warmup_epochs=0)
+    fixed.set_progress(0, 6)
+    assert fixed.current_alpha == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("name", ["center", "lgm"])
 def test_lam_warmup_starts_at_zero(name):
-    loss = create_loss(name, 2, 3, lam=0.5, lam_warmup_epochs=4)
+    loss = create_loss(name, 2, 3, lam=0.5, lam_warmup_epochs=4, **({"start": "none"} if name == "lgm" else {}))
     x, labels = tiny_batch()
     out = loss(x, labels)
     assert out.loss.item() == pytest.approx(out.terms["ce"].item(), abs=1e-6)
@@ -417,6 +445,131 @@ def test_lam_warmup_starts_at_zero(name):
 def test_linear_ramp():
     assert [linear_ramp(0.1, 0.3, e, 2) for e in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
     assert linear_ramp(0.1, 0.3, 0, 0) == 0.3
+
+
+# ----- L-GM's scale-aware start ------------------------------------------------------------------
+# tiny_batch: ||x||^2 = 5, 1.25, 4, 2.25 (mean 3.125); class means 0: (0.5, -1), 1: (0.5, 1.75),
+# 2: (-2, 0); the two class-1 samples sit 0.3125 from their mean (within-class mean 0.625 / 4).
+
+
+def test_lgm_scale_start_sets_the_starting_penalty_to_one_nat():
+    x, labels = tiny_batch()
+    loss = LGMLoss(2, 3, lam=0.1, alpha=0.3)  # start="scale", start_penalty=1
+    with torch.no_grad():
+        loss.means.zero_()
+    out = loss(x, labels)
+    # (0.3 + 0.1) * 1/2 * mean ||x / s||^2 = 1  ->  s^2 = 0.4 * 3.125 / 2 = 0.625
+    assert math.exp(loss.log_scale.item()) == pytest.approx(math.sqrt(0.625), rel=1e-5)
+    assert out.terms["lkd"].item() == pytest.approx(2.5, rel=1e-5)  # the penalty over alpha + lam
+    assert bool(loss.started)
+
+
+def test_lgm_scale_start_keeps_the_means_in_units_of_the_scale():
+    x, labels = tiny_batch()
+    loss = LGMLoss(2, 3, lam=0.01, alpha=0.3, start_penalty=0.5)
+    with torch.no_grad():
+        loss.means.copy_(torch.tensor(MEANS_3x2))
+    out = loss(x, labels)
+    scale = math.exp(loss.log_scale.item())
+    own = [half_distance_by_hand([v / scale for v in xi], MEANS_3x2[y]) for xi, y in zip(x.tolist(), labels.tolist())]
+    assert (0.3 + 0.01) * sum(own) / 4 == pytest.approx(0.5, rel=1e-4)
+    assert_close(loss.means, MEANS_3x2, atol=0)
+    rows = [[-half_distance_by_hand([v / scale for v in xi], MEANS_3x2[k]) for k in range(3)] for xi in x.tolist()]
+    assert_close(loss.predict(x), rows, atol=1e-5)
+    assert out.terms["lkd"].item() == pytest.approx(sum(own) / 4, rel=1e-5)
+
+
+def test_lgm_scale_means_start_puts_the_means_on_the_class_means():
+    x, labels = tiny_batch()
+    loss = LGMLoss(2, 3, lam=0.1, alpha=0.3, start="scale_means")
+    loss(x, labels)
+    # within-class mean squared distance 0.15625 = s^2 * 2 * 1 / 0.4  ->  s^2 = 0.03125
+    scale = math.exp(loss.log_scale.item())
+    assert scale ** 2 == pytest.approx(0.03125, rel=1e-5)
+    assert_close(loss.means * scale, [[0.5, -1.0], [0.5, 1.75], [-2.0, 0.0]], atol=1e-5)
+
+
+def test_lgm_means_start_moves_only_the_classes_of_the_batch():
+    x, labels = tiny_batch()
+    loss = LGMLoss(2, 3, start="means")
+    untouched = loss.means.detach()[2].clone()
+    loss(x[:2], labels[:2])  # classes 1 and 0 only
+    assert loss.log_scale.item() == 0.0
+    assert_close(loss.means[:2], [[0.5, -1.0], [1.0, 2.0]], atol=1e-6)
+    assert_close(loss.means[2], untouched.tolist(), atol=0)
+
+
+def test_lgm_starts_once_in_training_only_and_the_start_survives_a_reload():
+    x, labels = tiny_batch()
+    loss = LGMLoss(2, 3)
+    loss.eval()
+    loss(x, labels)  # evaluation never starts the loss
+    assert not bool(loss.started) and loss.log_scale.item() == 0.0
+    loss.train()
+    loss(x, labels)
+    started_scale = loss.log_scale.item()
+    loss(3.0 * x, labels)  # a later batch does not start it again
+    assert loss.log_scale.item() == started_scale
+
+    resumed = LGMLoss(2, 3)  # a fresh loss, as fit() builds before loading last.pt
+    resumed.load_state_dict(loss.state_dict())
+    resumed(5.0 * x, labels)
+    assert bool(resumed.started) and resumed.log_scale.item() == started_scale
+
+    # a checkpoint from before the start existed: raw-unit means, already trained -> no start
+    old = {"means": torch.tensor(MEANS_3x2)}
+    legacy = LGMLoss(2, 3)
+    legacy.load_state_dict(old)
+    legacy(x, labels)
+    assert bool(legacy.started) and legacy.log_scale.item() == 0.0
+    assert_close(legacy.means, MEANS_3x2, atol=0)
+
+
+def test_lgm_learned_scale_pays_the_gaussian_normaliser():
+    x, labels = tiny_batch()
+    loss = LGMLoss(2, 3, lam=0.1, alpha=0.0, start="none", learn_scale=True)
+    assert any(name == "log_scale" for name, _ in loss.named_parameters())
+    with torch.no_grad():
+        loss.means.copy_(torch.tensor(MEANS_3x2))
+        loss.log_scale.fill_(math.log(2.0))
+    out = loss(x, labels)
+    own = [half_distance_by_hand([v / 2.0 for v in xi], MEANS_3x2[y]) for xi, y in zip(x.tolist(), labels.tolist())]
+    # L_lkd = mean d_y + D log s with D = 2
+    assert out.terms["lkd"].item() == pytest.approx(sum(own) / 4 + 2 * math.log(2.0), abs=1e-5)
+    out.loss.backward()
+    assert loss.log_scale.grad is not None and loss.log_scale.grad.abs().item() > 0
+
+
+def _two_rank_lgm_start(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # same initial means on both ranks, as after DDP's initial broadcast
+        x, labels = tiny_batch()
+        for start in ("scale", "scale_means"):
+            loss = LGMLoss(2, 3, start=start)
+            half = slice(0, 2) if rank == 0 else slice(2, 4)
+            loss(x[half], labels[half])
+            torch.save(loss.state_dict(), f"{result_file}.{start}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lgm_start_under_real_two_rank_gloo_equals_the_global_batch_start(tmp_path):
+    """Two real processes, half a batch each: both start from the statistics of the whole batch."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    import torch.multiprocessing as mp
+    mp.spawn(_two_rank_lgm_start, args=(2, str(tmp_path / "init"), str(tmp_path / "state")), nprocs=2)
+    x, labels = tiny_batch()
+    for start in ("scale", "scale_means"):
+        torch.manual_seed(0)
+        whole = LGMLoss(2, 3, start=start)
+        whole(x, labels)
+        for rank in range(2):
+            state = torch.load(tmp_path / f"state.{start}.{rank}")
+            assert torch.allclose(state["log_scale"], whole.log_scale, atol=1e-6)
+            assert torch.allclose(state["means"], whole.means, atol=1e-6)
 
 
 # ----- island -----------------------------------------------------------------------------------
@@ -433,7 +586,8 @@ def test_island_term_and_total_match_hand_computation():
     center = center_term_by_hand(x.tolist(), labels.tolist(), CENTERS_3x2)
     assert out.terms["island"].item() == pytest.approx(island, abs=1e-5)
     assert out.terms["center"].item() == pytest.approx(center, abs=1e-6)
-    assert out.loss.item() == pytest.approx(math.log(3) + lam * (center + lam_island * island), abs=1e-5)
+    # the paper's update scale: lambda_1 / (2 (C - 1)) per ordered-pair term, C = 3
+    assert out.loss.item() == pytest.approx(math.log(3) + lam * (center + lam_island / 4 * island), abs=1e-5)
 
 
 def test_island_term_is_smallest_for_spread_out_centers():
@@ -472,7 +626,7 @@ def test_island_paper_update_adds_the_island_gradient_step():
         members = [rows[i] for i in range(len(y)) if y[i] == j]
         for xi in members:
             center_step[j] += (centers[j] - np.array(xi)) / (1 + len(members))
-    expected = centers - alpha * (center_step + lam_island * island_gradient_by_hand(centers))
+    expected = centers - alpha * (center_step + island_paper_step_by_hand(centers, lam_island))
     assert_close(loss.centers, expected.tolist(), atol=1e-5)
 
 
@@ -491,7 +645,7 @@ def test_island_sgd_mode_center_gradient_is_center_plus_island_gradient_without_
     center_gradient = np.zeros((3, 2))
     for xi, yi in zip(rows, y):
         center_gradient[yi] -= (np.array(xi) - np.array(CENTERS_3x2[yi])) / 4
-    expected = center_gradient + lam_island * island_gradient_by_hand(np.array(CENTERS_3x2))
+    expected = center_gradient + island_paper_step_by_hand(np.array(CENTERS_3x2), lam_island)
     assert_close(loss.centers.grad, expected.tolist(), atol=1e-5)
     expected_x = [[lam * (a - c) / 4 for a, c in zip(xi, CENTERS_3x2[yi])] for xi, yi in zip(rows, y)]
     assert_close(x.grad, expected_x, atol=1e-6)
@@ -753,3 +907,71 @@ def test_short_training_lowers_the_loss_and_tightens_classes(name, softmax_run):
         # scale-free: share of the embedding's variance left inside classes, same seed and budget
         assert ratio < 0.9 * softmax_ratio, f"{name}: within/total {ratio:.3f} vs softmax {softmax_ratio:.3f}"
         assert within < softmax_within
+
+
+# ----- L-GM at the papers' settings on raw ResNet-18 features (issue 18) --------------------------
+
+
+@pytest.mark.slow
+def test_lgm_at_the_authors_settings_learns_on_raw_resnet18_features():
+    """ResNet-18's raw 512-d pooled features, no neck, alpha 0.1 -> 0.3, lam 0.1: no collapse.
+
+    Before the scale-aware start this setting fell into L-GM's trivial solution: every feature
+    shrank onto the means (||x||^2 857 -> 0.9 in 120 steps), the distances d_k became alike for
+    every class and CE stuck at ln C. Here the embedded dishes (10 classes, 32 px) train for 120
+    steps of batch 32; the spread of the features and of d_k across classes must stay, and val
+    top-1 must rise well above chance (0.1).
+    """
+    from foodlib.config import Config
+    from foodlib.data import load_data
+    from foodlib.data.augment import augment_options, eval_transform, train_transform
+    from foodlib.train import build_model_and_loss, build_optimizers, epoch_generator, lr_factor
+
+    steps = 120
+    cfg = Config.from_flat(data="dishes", image_size=32, backbone="resnet18", loss="lgm", lam=0.1, alpha=0.3,
+                           augment="flip", amp="off", channels_last=False, batch_size=32, seed=0, epochs=2)
+    data = load_data(cfg, progress=False)
+    model, loss = build_model_and_loss(cfg, data.num_classes)
+    assert (loss.start, loss.current_alpha, loss.lam) == ("scale", pytest.approx(0.1), 0.1)
+    optimizer, _ = build_optimizers(cfg, model, loss)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = len(data.loader("train", cfg.train.batch_size, shuffle=True, seed=0))
+
+    @torch.no_grad()
+    def spread(embedding):  # mean squared distance to the batch mean (raw units), d_k std across classes
+        x = embedding.detach().float()
+        return np.array([float((x - x.mean(0)).pow(2).sum(1).mean()), float(loss.predict(x).std(1).mean())])
+
+    step, first, last = 0, None, []
+    for epoch in range(cfg.train.epochs):
+        loss.set_progress(epoch, cfg.train.epochs)
+        generator = epoch_generator(0, epoch)
+        loader = data.loader("train", cfg.train.batch_size, shuffle=True, seed=0)
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            if step == steps:
+                break
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(cfg, step, steps_per_epoch)
+            embedding = model(train_transform(images, 32, generator, channels_last=False, **augment_options("flip")))
+            out = loss(embedding, labels)
+            if step == 0:
+                first = spread(embedding)
+                own = loss.half_mahalanobis(embedding.detach().float()).gather(1, labels[:, None]).mean()
+                assert float((loss.alpha + loss.lam) * own) == pytest.approx(1.0, rel=1e-3)  # starting penalty
+            elif step >= steps - 10:
+                last.append(spread(embedding))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            step += 1
+    assert loss.current_alpha == pytest.approx(0.3)
+    last = np.mean(last, axis=0)
+    assert last[0] > 0.1 * first[0], f"feature spread shrank {first[0]:.3g} -> {last[0]:.3g}"
+    assert last[1] > first[1], f"d_k spread across classes {first[1]:.3g} -> {last[1]:.3g}"
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((loss.predict(model(eval_transform(images, 32, False))).argmax(1) == labels).sum())
+                   for images, labels in data.loader("val", 128, shuffle=False))
+    top1 = hits / len(data.labels("val"))
+    assert top1 > 0.25, f"val top-1 {top1:.3f} (chance 0.1)"

@@ -30,48 +30,55 @@ def island_term(centers: torch.Tensor) -> torch.Tensor:
 
 
 class IslandLoss(CenterLoss):
-    """Island loss: Center Loss plus ``lam_island`` times the summed pairwise cosine of the centers.
+    """Island loss: Center Loss plus ``lam_island`` times the paper's pairwise-cosine push on the centers.
 
     Reference: J. Cai, Z. Meng, A. S. Khan, Z. Li, J. O'Reilly, Y. Tong, "Island Loss for Learning
     Discriminative Features in Facial Expression Recognition", IEEE FG 2018.
 
-    Objective: ``CE + lam * (L_C + lam_island * L_I)`` with ``L_C`` the Center Loss term and
-    ``L_I = sum_{j != k} (cos(c_j, c_k) + 1)`` over ordered pairs of classes (see
-    :func:`island_term`); the centers are pulled toward their samples and pushed apart in angle.
-    ``terms`` holds ``ce``, ``center`` (``L_C``) and ``island`` (``L_I``), unscaled. ``L_I`` does not
-    depend on the embedding, so the network's gradient is that of Center Loss; ``L_I`` moves only
-    the centers.
+    Objective: ``CE + lam * (L_C + lam_island * L_I / (2 (C - 1)))`` with ``L_C`` the Center Loss
+    term and ``L_I = sum_{j != k} (cos(c_j, c_k) + 1)`` over ordered pairs of classes (the paper's
+    island term, see :func:`island_term`); the centers are pulled toward their samples and pushed
+    apart in angle. ``terms`` holds ``ce``, ``center`` (``L_C``) and ``island`` (``L_I``), unscaled.
+    ``L_I`` does not depend on the embedding, so the network's gradient is that of Center Loss;
+    ``L_I`` moves only the centers.
+
+    Scale of ``lam_island`` (the paper's lambda_1): the paper's center update (its Eq. 5 and
+    Algorithm 1) adds ``lambda_1 / (C - 1) * sum_{k != j} (u_k - cos(c_j, c_k) u_j) / ||c_j||``
+    with ``u = c / ||c||``, which is ``1 / (2 (C - 1))`` times the exact gradient of the ``L_I``
+    it writes (``dL_I/dc_j = 2 * sum_{k != j} (u_k - cos(c_j, c_k) u_j) / ||c_j||``). This class
+    follows the update, so ``lam_island`` means what the paper's lambda_1 means for any C: the
+    push on a center is lambda_1 times the mean over the other classes of the gradient of their
+    cosine, and the reported total uses the same ``L_I / (2 (C - 1))`` so that the total's gradient
+    is the update. (Before, the exact gradient of ``L_I`` was used, which at C = 10 made the
+    default 10 act like the paper's 180; benchmarks/RESULTS.md.)
 
     Learnable state: the centers ``loss.centers`` ``(C, D)``, initialised as in
     :class:`CenterLoss` (random, norm about 1: the cosine needs non-zero centers).
 
     * ``update="paper"``: after each optimizer step :meth:`update_centers` applies
-      ``c <- c - alpha * (delta_c + lam_island * dL_I/dc)``: the Algorithm 1 step of Center Loss
-      (classes present in the batch only; sums and counts all-reduced under torch.distributed)
-      plus a gradient step on ``L_I`` for every center, evaluated at the current centers and
-      computed with autograd. In closed form, for ordered pairs,
-      ``dL_I/dc_j = 2 * sum_{k != j} (u_k - cos(c_j, c_k) u_j) / ||c_j||`` with ``u = c / ||c||``.
-      The centers are identical on every rank, so this part needs no communication.
-    * ``update="sgd"``: the centers are an ``nn.Parameter`` (own learning rate ``center_lr`` in
-      ``fit()``) and receive ``dL_C/dc + lam_island * dL_I/dc``, neither scaled by ``lam``; the
-      network receives ``lam * dL_C/dx``. The reported loss is ``CE + lam * (L_C + lam_island * L_I)``.
+      ``c <- c - alpha * (delta_c + lam_island / (2 (C - 1)) * dL_I/dc)``: the Algorithm 1 step of
+      Center Loss (classes present in the batch only; sums and counts all-reduced under
+      torch.distributed) plus the paper's island step for every center, evaluated at the current
+      centers and computed with autograd. The rate ``alpha`` is constant, as in the paper's
+      Algorithm 1: the island push does not follow the network's learning-rate schedule. The
+      centers are identical on every rank, so the island part needs no communication.
+    * ``update="sgd"``: the centers are an ``nn.Parameter`` (own constant learning rate
+      ``center_lr`` in ``fit()``, not scheduled either) and receive
+      ``dL_C/dc + lam_island / (2 (C - 1)) * dL_I/dc``, neither scaled by ``lam``; the network
+      receives ``lam * dL_C/dx``.
 
-    The ``L_I`` gradient grows like ``1 / ||c_j||``, so a center near the origin is pushed hard;
-    an exactly zero center gives cosine 0 and a large but finite push (norms are clamped at
-    ``COSINE_EPS``), never NaN.
-
-    Scale of ``lam_island``: Cai et al. used ``lam_island = 10`` with 6-7 expression classes, and
-    their center update divides the island part by ``C - 1`` and counts each pair once, i.e. it is
-    ``1 / (2 * (C - 1))`` times the exact gradient of ``L_I`` used here. The objective above is the
-    one the paper writes, and this class follows its exact gradient so that the paper and sgd
-    modes agree; with many classes (C=59 gives a factor 116) a smaller ``lam_island`` reproduces
-    the paper's effective push.
+    Scale assumptions: ``L_I`` depends only on the centers' directions, so the push is in units
+    of ``1 / ||c_j||``: a center near the origin is pushed hard; an exactly zero center gives
+    cosine 0 and a large but finite push (norms are clamped at ``COSINE_EPS``), never NaN. Large
+    raw features (pooled ResNet features have ``||x||^2`` in the hundreds) make the centers long,
+    which weakens the push relative to the Center Loss pull; the paper's features were smaller.
 
     Args:
         embedding_dim: D.
         num_classes: C.
-        lam: weight of ``L_C + lam_island * L_I``, ``>= 0``. Default 0.01 (Cai et al. used 0.01).
-        lam_island: weight of the center-separation term, ``>= 0``. Default 10 (Cai et al.).
+        lam: weight of ``L_C + lam_island * L_I / (2 (C - 1))``, ``>= 0``. Default 0.01 (Cai et al.).
+        lam_island: the paper's lambda_1, weight of the center-separation step, ``>= 0``. Default 10
+            (Cai et al.).
         alpha: center update rate of the paper rule, in ``(0, 1]``. Default 0.5.
         update: ``"paper"`` (default) or ``"sgd"``.
         lam_warmup_epochs: ramp ``lam`` linearly from 0 over this many epochs (0: off).
@@ -80,6 +87,8 @@ class IslandLoss(CenterLoss):
     >>> x, y = torch.randn(6, 2), torch.tensor([0, 0, 1, 1, 2, 2])
     >>> sorted(loss(x, y).terms)
     ['ce', 'center', 'island']
+    >>> loss.island_weight  # lam_island / (2 (C - 1)): the paper's per-pair weight
+    2.5
     >>> loss.update_centers(x, y)  # after optimizer.step(), with update="paper"
     """
 
@@ -92,6 +101,8 @@ class IslandLoss(CenterLoss):
         check_number(type(self).__name__, "lam_island", lam_island, 0.0,
                      hint="it weights the center-separation term; Cai et al. used 10")
         self.lam_island = float(lam_island)
+        # the paper's update: lambda_1 / (C - 1) per pair gradient, i.e. 1 / (2 (C - 1)) of dL_I/dc
+        self.island_weight = self.lam_island / (2.0 * (num_classes - 1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lam_island={self.lam_island}"
@@ -100,17 +111,17 @@ class IslandLoss(CenterLoss):
                                 terms: dict[str, torch.Tensor]) -> torch.Tensor:
         separation = island_term(centers)
         terms["island"] = separation.detach()
-        # Value: lam * lam_island * L_I. Gradient (sgd mode only, since paper-mode centers are a
-        # buffer): lam_island * dL_I/dc, unscaled by lam like the center term's.
-        total = total + self.current_lam * self.lam_island * separation.detach()
+        # Value: lam * island_weight * L_I. Gradient (sgd mode only, since paper-mode centers are a
+        # buffer): island_weight * dL_I/dc, unscaled by lam like the center term's.
+        total = total + self.current_lam * self.island_weight * separation.detach()
         if separation.requires_grad:
-            total = total + self.lam_island * (separation - separation.detach())
+            total = total + self.island_weight * (separation - separation.detach())
         return total
 
     def _center_update_direction(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1's ``delta_c`` plus ``lam_island * dL_I/dc`` at the current centers ``(C, D)``."""
+        """Algorithm 1's ``delta_c`` plus the paper's island step ``island_weight * dL_I/dc``, ``(C, D)``."""
         direction = super()._center_update_direction(x, labels)
         with torch.enable_grad():  # update_centers runs under no_grad
             centers = self.centers.detach().float().requires_grad_(True)
             (island_gradient,) = torch.autograd.grad(island_term(centers), centers)
-        return direction + self.lam_island * island_gradient
+        return direction + self.island_weight * island_gradient
