@@ -327,7 +327,7 @@ def test_data_check_reports_odd_but_usable_files_and_structure(tmp_path, capsys)
 # ----- invalid configs: one clear message naming the field, the value and the choices ------------
 
 CONFIG_ERRORS = [
-    (dict(loss="arcface"), ["loss='arcface'", "center", "island", "lgm", "softmax"]),
+    (dict(loss="arcfase"), ["loss='arcfase'", "arcface", "center", "island", "lgm", "softmax"]),
     (dict(backbone="resnet99"), ["backbone='resnet99'", "resnet18", "resnet50", "smallcnn", "timm/<name>"]),
     (dict(optimizer="adam"), ["optimizer='adam'", "adagrad", "adamw", "sgd"]),
     (dict(lam=-0.1), ["lam=-0.1", "[0.0, inf]"]),
@@ -377,8 +377,8 @@ def test_missing_data_folder_names_the_value_and_the_choices(tmp_path, capsys):
 
 def test_factories_list_the_valid_names():
     with pytest.raises(ValueError) as error:
-        create_loss("arcface", embedding_dim=2, num_classes=3)
-    assert "'arcface'" in str(error.value) and "center, island, lgm, softmax" in str(error.value)
+        create_loss("arcfase", embedding_dim=2, num_classes=3)
+    assert "'arcfase'" in str(error.value) and "arcface, center, contrastive_center" in str(error.value)
     with pytest.raises(ValueError) as error:
         create_model("resnet99")
     assert "'resnet99'" in str(error.value) and "smallcnn" in str(error.value)
