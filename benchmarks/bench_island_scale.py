@@ -33,7 +33,7 @@ def paper_step(centers: np.ndarray, lambda_1: float) -> np.ndarray:
 
 def main():
     alpha, lam_island, dim = 0.5, 10.0, 512
-    print(f"| C | paper step (loop) | foodlib before | foodlib now | before / paper | before acts like lambda_1 |")
+    print("| C | paper step (loop) | foodlib before | foodlib now | before / paper | before acts like lambda_1 |")
     print("|---|---|---|---|---|---|")
     for num_classes in (2, 7, 10, 101):
         torch.manual_seed(0)

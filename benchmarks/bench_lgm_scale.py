@@ -141,8 +141,8 @@ def main():
     data = load_data(Config.from_flat(data="dishes", image_size=args.image_size), progress=False)
     print(f"dishes: {data.num_classes} classes, {len(data.labels('train'))} train / {len(data.labels('val'))} val, "
           f"{args.image_size} px, batch {args.batch_size}, {args.steps} steps, lam {args.lam}, alpha 0.1 -> 0.3, seed {args.seed}")
-    header = (f"| start | penalty0 (nats) | ce0 | s | x.x 0 -> N | spread N/0 | d_k std 0 -> N | train CE end "
-              f"| val top-1 | s/option |")
+    header = ("| start | penalty0 (nats) | ce0 | s | x.x 0 -> N | spread N/0 | d_k std 0 -> N | train CE end "
+              "| val top-1 | s/option |")
     rows = []
     chosen = {name: value for name, value in OPTIONS.items() if not args.only or any(o in name for o in args.only)}
     if args.jobs > 1:
