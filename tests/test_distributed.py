@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -370,7 +371,9 @@ def test_collectives_under_a_real_two_process_gloo_group(tmp_path):
 # ----- foodlib train under torchrun, compared with one process -------------------------------------
 
 def _files(run_dir: Path) -> set[str]:
-    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+    """The run folder's files; TensorBoard event files by kind (their names carry a time stamp and a pid)."""
+    return {re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents.*", str(p.relative_to(run_dir)))
+            for p in run_dir.rglob("*") if p.is_file()}
 
 
 def _tiny_center_config(tmp_path: Path, out: str) -> Config:
