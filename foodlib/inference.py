@@ -788,16 +788,19 @@ def export_model(
 
     >>> path = export_model("runs/demo/center-s0")                                       # doctest: +SKIP
     >>> extra = {"classes.json": ""}                                                      # doctest: +SKIP
-    >>> scripted = torch.jit.load(path, _extra_files=extra)                               # doctest: +SKIP
-    >>> embedding, logits = scripted(torch.zeros(1, 3, 64, 64)); json.loads(extra["classes.json"])[:2]  # doctest: +SKIP
+    >>> program = torch.export.load(str(path), extra_files=extra)                         # doctest: +SKIP
+    >>> embedding, logits = program.module()(torch.zeros(2, 3, 64, 64)); json.loads(extra["classes.json"])[:2]  # doctest: +SKIP
     ['apple_pie', 'bibimbap']
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is not supported; choose one of {', '.join(EXPORT_FORMATS)}")
+    suffix = {"pt2": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}[format]
+    if out is not None and Path(out).suffix != suffix:  # load_exported (and people) tell formats apart by it
+        raise ValueError(f"out={str(out)!r} does not end in {suffix}, the suffix of format={format!r}; name the "
+                         f"file {Path(out).with_suffix(suffix).name} or pass the format that fits {Path(out).suffix or 'it'}")
     if format == "onnx":
         _require_onnx()
     run = _as_run(run_dir, checkpoint, "cpu")
-    suffix = {"pt2": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}[format]
     out = Path(out) if out is not None else run.run_dir / "export" / f"model{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     # A copy: a run passed in stays on its device and dtype.

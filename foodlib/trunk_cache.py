@@ -228,6 +228,11 @@ class FeatureSource:
         view = (self.epoch + self.offsets[indices]) % self.views.shape[0]
         return np.asarray(self.views[view, indices])  # (B, F)
 
+    def get_batch_skipping(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`get_batch` and every position kept: cached features cannot vanish mid-run (the
+        loader's interface for image sources, whose files can)."""
+        return self.get_batch(indices), np.arange(len(indices))
+
 
 class FeatureLoader(BatchLoader):
     """A :class:`BatchLoader` over cached features: same order (seed, epoch, ranks), features for images."""

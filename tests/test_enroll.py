@@ -142,7 +142,7 @@ def test_export_carries_the_enrolled_dishes(run, tmp_path):
 
     _shots(run, tmp_path / "new", shots=3)
     enroll(run, tmp_path / "new", device="cpu")
-    module, meta = load_exported(export_model(run, out=tmp_path / "model.pt"))
+    module, meta = load_exported(export_model(run, out=tmp_path / "model.pt2"))
     enrolled = meta["enrolled"]
     assert len(enrolled["classes"]) == 10 and enrolled["classes"][-4:] == enrolled["enrolled"]
     loaded = InferenceRun.load(run, device="cpu")

@@ -458,3 +458,11 @@ def test_public_names_and_doctests():
         assert ">>>" in getattr(inference, name).__doc__
     failures, tried = doctest.testmod(inference, optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried > 0
+
+
+def test_export_refuses_a_file_name_of_another_format(tmp_path):
+    # a torch.export program saved as model.pt would later be read as TorchScript and fail obscurely
+    with pytest.raises(ValueError, match=r"does not end in \.pt2.*model\.pt2"):
+        export_model(tmp_path / "no-run-needed", out=tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"does not end in \.onnx"):
+        export_model(tmp_path / "no-run-needed", format="onnx", out=tmp_path / "model.pt2")

@@ -92,7 +92,7 @@ def test_changed_content_or_weights_get_their_own_entry(tmp_path):
     assert len(list((tmp_path / "cache" / "trunk").glob("*.f16"))) == 3
 
 
-def test_a_damaged_file_is_detected_and_rebuilt(tmp_path, capsys):
+def test_a_damaged_file_is_detected_and_rebuilt(tmp_path):
     model, _ = _model()
     source = _source(_images(tmp_path / "img"), tmp_path / "cache")
     good = np.array(_build(model, source, tmp_path / "cache"))
@@ -102,9 +102,9 @@ def test_a_damaged_file_is_detected_and_rebuilt(tmp_path, capsys):
     file.write_bytes(bytes(raw))
     with pytest.raises(tc.TrunkCacheError, match="SHA-256"):
         tc._open_checked(file, file.with_suffix(".json"))
-    rebuilt = np.array(_build(model, source, tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="damaged"):
+        rebuilt = np.array(_build(model, source, tmp_path / "cache"))
     assert np.array_equal(rebuilt, good)
-    assert "damaged" in capsys.readouterr().err
 
 
 def test_parallel_builders_build_once(tmp_path, monkeypatch):
