@@ -1010,9 +1010,10 @@ def run_neighbours(args) -> int:
 
 def _export_args(parser) -> None:
     parser.add_argument("run_dir", help="a finished run folder (with best.pt)")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, default="pt2",
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default=None,
                         help="pt2 (default: torch.export, loads with torch.export.load), torchscript "
-                             "(torch.jit.load) or onnx (needs onnx, onnxscript)")
+                             "(torch.jit.load) or onnx (needs onnx, onnxscript); default: from --out's "
+                             "suffix (.pt2, .pt, .onnx), else pt2")
     parser.add_argument("--out", help="file to write (default RUN_DIR/export/model.pt2, .pt or .onnx)")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
 
@@ -1020,6 +1021,8 @@ def _export_args(parser) -> None:
 @command("export", "export a run's model (images -> embedding, logits) with its class names", _export_args)
 @_cli_errors
 def run_export(args) -> int:
-    path = export_model(args.run_dir, format=args.format, out=args.out, checkpoint=args.checkpoint)
+    by_suffix = {".pt2": "pt2", ".pt": "torchscript", ".onnx": "onnx"}
+    fmt = args.format or (by_suffix.get(Path(args.out).suffix, "pt2") if args.out else "pt2")
+    path = export_model(args.run_dir, format=fmt, out=args.out, checkpoint=args.checkpoint)
     print(f"wrote {path}")
     return 0

@@ -379,6 +379,13 @@ def test_cli_export_default_path_and_load_exported(run_dir, features, capsys):
     assert meta["classes"] == json.loads((run_dir / "classes.json").read_text())
 
 
+def test_cli_export_takes_the_format_from_the_out_suffix(run_dir, tmp_path, capsys):
+    assert cli_main(["export", str(run_dir), "--out", str(tmp_path / "m.pt")]) == 0
+    torch.jit.load(str(tmp_path / "m.pt"))  # TorchScript, as the suffix says
+    assert cli_main(["export", str(run_dir), "--format", "pt2", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "does not end in .pt2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("loss_name", list_losses())
 def test_traced_module_matches_eager_at_another_batch_size(loss_name):
     torch.manual_seed(0)
