@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from foodlib import metrics as M
+from foodlib.config import Config
 from foodlib.features import extract_features, load_features, save_features
 
 
@@ -109,7 +110,6 @@ def reanalyse(run_dir, figures: bool = True) -> dict[str, Any]:
         make_run_figures(run_dir, features, classes, trace)
         if (run_dir / "novel_features.npz").is_file():  # held-out dishes: their UMAP and retrieval grid too
             from foodlib.openset import make_openset_figures  # imports inference (torch) only for such runs
-            from foodlib.config import Config
 
             make_openset_figures(run_dir, Config.from_yaml(run_dir / "config.yaml").data.image_size)
     from foodlib.io import atomic_write_json
