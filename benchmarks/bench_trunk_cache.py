@@ -37,7 +37,7 @@ from foodlib.data.cache import ImageSource, build_cache  # noqa: E402
 from foodlib.losses import create_loss  # noqa: E402
 from foodlib.models import create_model  # noqa: E402
 from foodlib.trainable import apply_trainable  # noqa: E402
-from foodlib.train import autocast_dtype  # noqa: E402
+from foodlib.runtime import autocast_dtype  # noqa: E402
 import foodlib.trunk_cache as tc  # noqa: E402
 
 # ../shared/data/food101-10 from a checkout; from a worktree under /work/wt/<branch>, two levels up

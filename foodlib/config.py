@@ -20,9 +20,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field, the value and the fix."""
+from foodlib.errors import ConfigError
+from foodlib.io import atomic_write_text
 
 
 @dataclass
@@ -150,8 +149,6 @@ class Config:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            from foodlib.io import atomic_write_text  # local import: io depends on nothing here
-
             atomic_write_text(path, text)
         return text
 
@@ -223,7 +220,7 @@ class Config:
                               f"or between 2 and batch_size={self.train.batch_size}")
         if self.model.embedding_dim is not None and self.model.embedding_dim < 2:
             raise ConfigError(f"embedding_dim={self.model.embedding_dim!r} must be >= 2 (or None for the backbone's width)")
-        from foodlib.trainable import parse_trainable
+        from foodlib.trainable import parse_trainable  # lazy: torch (config stays light)
 
         try:
             parse_trainable(self.model.trainable)
@@ -237,8 +234,8 @@ class Config:
         Imported here, not at module level: the registries pull in torch, and the config module
         stays light for code that only reads or writes YAML.
         """
-        from foodlib.losses import check_loss_options, is_pml_name, list_losses
-        from foodlib.models import list_models
+        from foodlib.losses import check_loss_options, is_pml_name, list_losses  # lazy: torch (config stays light)
+        from foodlib.models import list_models  # lazy: torch
 
         if self.loss.loss not in list_losses() and not is_pml_name(self.loss.loss):
             raise ConfigError(

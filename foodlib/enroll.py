@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from foodlib.cli import command
 
 ENROLLED_FILE = "enrolled.npz"
 SUPPORTED_LOSSES = ("center", "island", "lgm")
@@ -326,47 +325,3 @@ def remove_enrolled(run_dir, name: str) -> EnrolledDishes:
     else:
         (Path(run_dir) / ENROLLED_FILE).unlink()
     return left
-
-
-# ----- command line -----------------------------------------------------------------------------
-
-def _enroll_args(parser) -> None:
-    parser.add_argument("run_dir", help="a finished run folder (center, island or lgm loss)")
-    parser.add_argument("folder", nargs="?", help="FOLDER/<dish name>/<photos>: the dishes to add")
-    parser.add_argument("--list", action="store_true", help="list the enrolled dishes")
-    parser.add_argument("--remove", metavar="NAME", help="remove an enrolled dish")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if any) | cpu | cuda | cuda:N")
-    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-@command("enroll", "add dishes to a trained run from a few photos each (no retraining); --list, --remove",
-         _enroll_args)
-def run_enroll(args) -> int:
-    import sys
-
-    if sum(bool(x) for x in (args.folder, args.list, args.remove)) != 1:
-        raise ValueError("give exactly one of FOLDER (dishes to add), --list or --remove NAME")
-    if args.remove:
-        left = remove_enrolled(args.run_dir, args.remove)
-        print(f"removed {args.remove}; {len(left)} enrolled dish(es) left")
-        return 0
-    if args.list:
-        dishes = enrolled_dishes(args.run_dir)
-        if dishes is None or not len(dishes):
-            print("no enrolled dishes")
-        for name, count in zip(dishes.names if dishes else [], dishes.counts if dishes else []):
-            print(f"{name}\t{int(count)} photos")
-        return 0
-    done = enroll(args.run_dir, args.folder, checkpoint=args.checkpoint, device=args.device,
-                  batch_size=args.batch_size, progress=not args.quiet)
-    for name, count in zip(done.names, done.counts):
-        print(f"enrolled {name} ({count} photos)")
-    if done.skipped:
-        print(f"skipped {len(done.skipped)} unreadable photo(s):", file=sys.stderr)
-        for path, reason in done.skipped.items():
-            print(f"  {path}: {reason}", file=sys.stderr)
-    if done.empty:
-        print(f"not enrolled, no readable photo: {', '.join(done.empty)}", file=sys.stderr)
-    return 0

@@ -15,3 +15,7 @@ class UserError(Exception):
 
 class PretrainedWeightsError(UserError, RuntimeError):
     """Published pretrained weights could not be downloaded (offline machine, proxy, firewall)."""
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and the fix."""

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from foodlib.cli import command
 from foodlib.config import Config
+from foodlib.errors import UserError
 from foodlib.data.augment import CROP_FRACTION, cache_side, normalization
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image_array
 from foodlib.features import extract_features, load_features
@@ -857,7 +857,7 @@ def _require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ImportError(
+        raise UserError(
             f"ONNX export needs the {' and '.join(missing)} package(s): pip install onnx onnxscript "
             "(TorchScript export, format='torchscript', needs nothing extra)"
         )
@@ -906,123 +906,3 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, {name.removesuffix(".json"): json.loads(text) for name, text in extra.items() if text}
-
-
-# ----- command line -----------------------------------------------------------------------------
-
-def _common_args(parser, paths_help: str) -> None:
-    parser.add_argument("run_dir", help="a finished run folder (with best.pt)")
-    parser.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if any) | cpu | cuda | cuda:N")
-    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _report_skipped(skipped: dict[str, str]) -> None:
-    import sys
-
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
-        for path, reason in skipped.items():
-            print(f"  {path}: {reason}", file=sys.stderr)
-
-
-def _cli_errors(run):
-    """Turn the errors a user can fix (bad checkpoint, missing onnx, bad option) into exit code 2."""
-    import functools
-    import sys
-
-    @functools.wraps(run)
-    def wrapper(args) -> int:
-        from foodlib.train import CheckpointError
-
-        try:
-            return run(args)
-        except (CheckpointError, ImportError, ValueError) as error:
-            print(f"foodlib {args.command}: error: {error}", file=sys.stderr)
-            return 2
-    return wrapper
-
-
-def _predict_args(parser) -> None:
-    _common_args(parser, "image files or folders (searched recursively)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
-    parser.add_argument("--out", help="also write the predictions to this .csv or .json file")
-
-
-@command("predict", "top-k classes with probabilities for images, from a run's best checkpoint", _predict_args)
-@_cli_errors
-def run_predict(args) -> int:
-    preds = predict(args.run_dir, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
-                    checkpoint=args.checkpoint, progress=not args.quiet)
-    print(preds.table())
-    _report_skipped(preds.skipped)
-    if args.out:
-        print(f"wrote {preds.save(args.out)}")
-    return 0 if len(preds) else 1
-
-
-def _embed_args(parser) -> None:
-    _common_args(parser, "image files or folders (searched recursively)")
-    parser.add_argument("--out", required=True, help="the .npz to write (paths, embeddings, logits, classes)")
-
-
-@command("embed", "embeddings and prediction logits of images, saved as .npz", _embed_args)
-@_cli_errors
-def run_embed(args) -> int:
-    result = embed(args.run_dir, args.paths, out=args.out, batch_size=args.batch_size, device=args.device,
-                   checkpoint=args.checkpoint, progress=not args.quiet)
-    _report_skipped(result.skipped)
-    print(f"wrote {len(result)} embeddings ({result.embeddings.shape[1]} dims) to {args.out}")
-    return 0 if len(result) else 1
-
-
-def _neighbours_args(parser) -> None:
-    _common_args(parser, "query image files or folders")
-    parser.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
-    parser.add_argument("--metric", choices=METRICS, default=None,
-                        help="distance (default: the one the run's loss trains for, euclidean)")
-    parser.add_argument("--gallery", default="train", help="split searched: train (default), val or test")
-    parser.add_argument("--out", help="write the neighbours to this .csv or .json file")
-    parser.add_argument("--figure", help="save the figure (query, neighbours, classes, distances) to this file")
-
-
-@command("neighbours", "the most similar training images of query images, in a run's embedding space",
-         _neighbours_args)
-@_cli_errors
-def run_neighbours(args) -> int:
-    result = nearest_neighbours(args.run_dir, args.paths, k=args.k, metric=args.metric, gallery=args.gallery,
-                                batch_size=args.batch_size, device=args.device, checkpoint=args.checkpoint,
-                                progress=not args.quiet)
-    for q in range(len(result)):
-        print(f"{result.query_paths[q]} ({result.metric} distance):")
-        for r, (path, name) in enumerate(zip(result.neighbour_paths(q), result.neighbour_classes(q))):
-            print(f"  {r + 1}. {result.distances[q, r]:.4g}  {name}  {path}")
-    _report_skipped(result.skipped)
-    if args.out:
-        print(f"wrote {result.save(args.out)}")
-    if args.figure:
-        result.figure(max_queries=None).savefig(args.figure, dpi=150)
-        print(f"wrote {args.figure}")
-    return 0 if len(result) else 1
-
-
-def _export_args(parser) -> None:
-    parser.add_argument("run_dir", help="a finished run folder (with best.pt)")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, default=None,
-                        help="pt2 (default: torch.export, loads with torch.export.load), torchscript "
-                             "(torch.jit.load) or onnx (needs onnx, onnxscript); default: from --out's "
-                             "suffix (.pt2, .pt, .onnx), else pt2")
-    parser.add_argument("--out", help="file to write (default RUN_DIR/export/model.pt2, .pt or .onnx)")
-    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (default best.pt)")
-
-
-@command("export", "export a run's model (images -> embedding, logits) with its class names", _export_args)
-@_cli_errors
-def run_export(args) -> int:
-    by_suffix = {".pt2": "pt2", ".pt": "torchscript", ".onnx": "onnx"}
-    fmt = args.format or (by_suffix.get(Path(args.out).suffix, "pt2") if args.out else "pt2")
-    path = export_model(args.run_dir, format=fmt, out=args.out, checkpoint=args.checkpoint)
-    print(f"wrote {path}")
-    return 0

@@ -47,7 +47,6 @@ from typing import Any, Callable
 
 import yaml
 
-from foodlib.cli import command
 from foodlib.config import Config, ConfigError
 from foodlib.gpu_slots import GpuSlots, kernel_manager_with_env
 from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
@@ -637,60 +636,3 @@ def _grid_label(entry: dict[str, Any]) -> str:
     else:
         label = "-".join(f"{k}{v}" for k, v in entry.items() if k not in GRID_KEYS)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
-
-
-# ----- CLI ------------------------------------------------------------------------------------------
-
-def _suite_args(parser) -> None:
-    parser.add_argument("suite", help="suite YAML, e.g. suites/demo.yaml")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run only this run (repeatable; shell patterns like 'center-*' allowed)")
-    parser.add_argument("--quiet", action="store_true", help="one line per run; no notebook output or progress bars")
-    parser.add_argument("--device", help="device for every run: auto | cpu | cuda | cuda:N")
-    parser.add_argument("--readme-pictures", action="store_true",
-                        help="also copy the report figures into readme_pictures/")
-    parser.add_argument("--out-dir", default="runs", help="parent folder of runs/<suite>/ (default: runs)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="runs executed at a time, each with cores // N threads (default: 1); on a CPU "
-                             "2 single-thread runs train faster together than one 2-thread run")
-    parser.add_argument("--worker", action="store_true",
-                        help="one of several workers on this suite folder (shared storage, SLURM array): claim "
-                             "runs one by one, skip those others hold; the last one writes the comparison")
-
-
-@command("suite", "run a suite of experiment notebooks with papermill, then the comparison", _suite_args)
-def run_suite_command(args) -> int:
-    try:
-        if getattr(args, "worker", False) and not args.dry_run:  # several workers, one folder: suite_workers.py
-            from foodlib.suite_workers import run_worker
-
-            if args.jobs != 1:
-                raise SuiteError("--worker runs one run at a time; start more workers instead of --jobs")
-            result = run_worker(args.suite, out_dir=args.out_dir, only=args.only, quiet=args.quiet, device=args.device,
-                                readme_pictures=args.readme_pictures)
-            return result.exit_code
-        result = run_suite(args.suite, out_dir=args.out_dir, only=args.only, dry_run=args.dry_run, quiet=args.quiet,
-                           device=args.device, readme_pictures=args.readme_pictures, jobs=args.jobs)
-    except SuiteError as error:
-        print(f"foodlib suite: error: {error}", file=sys.stderr)
-        return 2
-    return result.exit_code
-
-
-def _report_args(parser) -> None:
-    parser.add_argument("suite_dir", help="a suite folder, e.g. runs/demo")
-    parser.add_argument("--baseline", default=None, help="loss the others are compared against (default: the suite's)")
-    parser.add_argument("--readme-pictures", action="store_true",
-                        help="also copy the report figures into readme_pictures/")
-
-
-@command("report", "compare a suite's runs: report.md and figures in the suite folder", _report_args)
-def run_report_command(args) -> int:
-    from foodlib.report import write_report
-
-    path = write_report(args.suite_dir, copy_to="readme_pictures" if args.readme_pictures else None,
-                        baseline=args.baseline)
-    print(path.read_text())
-    print(f"report: {path}")
-    return 0

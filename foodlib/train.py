@@ -16,7 +16,6 @@ import contextlib
 import csv
 import io
 import math
-import os
 import pickle
 import platform
 import re
@@ -42,7 +41,7 @@ from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, 
 from foodlib.losses import DiscriminativeLoss, create_loss
 from foodlib.messages import logger
 from foodlib.models import EmbeddingNet, create_model
-from foodlib.precision import describe_device_and_precision
+from foodlib.runtime import autocast_dtype, describe_device_and_precision, loader_workers, resolve_device
 from foodlib.runfolder import check_run_folder, check_writable
 from foodlib.tensorboard_log import RunBoard
 from foodlib.trainable import apply_trainable
@@ -69,52 +68,6 @@ class RunResult:
 
 
 # ----- small helpers beside the loop ------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    return device
-
-
-def loader_workers(cfg: Config, device: torch.device) -> int:
-    """Loader processes: none on a CPU reading the cache (a memcpy per batch; processes would only
-    take cores from the model), a few where decoding or GPU overlap needs them."""
-    if cfg.train.workers is not None:
-        return cfg.train.workers
-    if device.type == "cpu" and cfg.data.cache:
-        return 0
-    return min(4, os.cpu_count() or 1)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX-bf16 units (Sapphire Rapids and later), where bf16 convolutions win."""
-    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()  # torch >= 2.5
-    return bool(capabilities.get("amx_bf16"))
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware has it, fp16 (with a grad scaler) on older GPUs, None for float32.
-
-    "auto" on a CPU means bf16 only with AMX units: there bf16 + channels_last trains ResNet-18
-    1.7x and the small CNN 2.3x faster than float32 (benchmarks/RESULTS.md); without AMX bf16
-    convolutions are slower than float32.
-    """
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 def build_optimizers(cfg: Config, model: nn.Module, loss: DiscriminativeLoss):
     """The network optimizer (network + loss head) and, for learnable centers, their own SGD.

@@ -67,7 +67,6 @@ import contextlib
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -77,7 +76,6 @@ from typing import Any, Callable
 
 import yaml
 
-from foodlib.cli import command
 from foodlib.config import Config, ConfigError
 from foodlib.io import atomic_write_text
 from foodlib.suite import RUNTIME_FIELDS, SUITE_FIELDS, SuiteError, SuiteSpec, load_suite
@@ -846,35 +844,3 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(_short(row[c]) if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
     return "\n".join(lines)
-
-
-# ----- CLI ------------------------------------------------------------------------------------------
-
-def _tune_args(parser) -> None:
-    parser.add_argument("suite", help="tuning suite YAML with a `search:` section, e.g. suites/food101-10-tune.yaml")
-    parser.add_argument("--trials", type=int, default=None, metavar="N",
-                        help="trials per loss, the same for every loss (default: the suite's search.trials)")
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna storage shared by every worker: sqlite:///PATH, postgresql://..., or journal:PATH "
-                             "(a journal file on shared storage, e.g. NFS); default: sqlite in runs/<suite>/study.db")
-    parser.add_argument("--out-dir", default="runs", help="parent folder of runs/<suite>/ (default: runs)")
-    parser.add_argument("--device", help="device for every trial: auto | cpu | cuda | cuda:N")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads per trial (several workers on one machine: cores // workers)")
-    parser.add_argument("--best-out", default=None, metavar="PATH",
-                        help="also write the best-settings suite here (e.g. suites/food101-10-best.yaml)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run no trial; write the report and best-settings suite from the storage")
-    parser.add_argument("--verbose", action="store_true", help="show each trial's epochs")
-
-
-@command("tune", "tune every loss of a suite with the same Optuna budget on val; write the best settings as a suite",
-         _tune_args)
-def run_tune_command(args) -> int:
-    try:
-        tune(args.suite, trials=args.trials, storage=args.storage, out_dir=args.out_dir, device=args.device,
-             threads=args.threads, best_out=args.best_out, report_only=args.report_only, quiet=not args.verbose)
-    except SuiteError as error:
-        print(f"foodlib tune: error: {error}", file=sys.stderr)
-        return 2
-    return 0

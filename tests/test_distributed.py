@@ -11,7 +11,6 @@ import doctest
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,9 @@ from torch import nn
 
 import foodlib.distributed as D
 from foodlib.config import Config, ConfigError
-from foodlib.distributed import (DistInfo, DistributedLaunchError, average_batchnorm_statistics, broadcast_state,
-                                 check_in_sync, dist_info, dump_rank_state, in_turns, launch, maybe_sync_batchnorm,
-                                 state_fingerprints, torchrun_command)
+from foodlib.distributed import (DistInfo, average_batchnorm_statistics, broadcast_state, check_in_sync, dist_info,
+                                 dump_rank_state, in_turns, maybe_sync_batchnorm, state_fingerprints)
+from torchrun_launch import free_port, launch
 
 LOCALHOST = "127.0.0.1"
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -118,81 +117,6 @@ def test_dump_rank_state_writes_only_when_asked(tmp_path, monkeypatch):
 
 def test_docstring_examples_run(no_torchrun_env):
     assert doctest.testmod(D).failed == 0
-
-
-# ----- launch: the command and the subprocess handling ----------------------------------------------
-
-def test_torchrun_command_is_single_node_on_localhost_only():
-    command = torchrun_command("/runs/a/config.yaml", 4, 29511, python="/venv/python")
-    assert command[:3] == ["/venv/python", "-m", "torch.distributed.run"]
-    assert {"--nnodes=1", "--node_rank=0", "--nproc_per_node=4", f"--master_addr={LOCALHOST}",
-            "--master_port=29511"} <= set(command)
-    assert command[-5:] == ["-m", "foodlib.cli", "train", "--config", "/runs/a/config.yaml"]
-    addresses = [part for part in command if "addr" in part or "endpoint" in part]
-    assert addresses == [f"--master_addr={LOCALHOST}"]
-
-
-def test_free_port_can_be_bound_on_localhost():
-    import socket
-
-    port = D.free_port()
-    assert 0 < port < 65536
-    with socket.socket() as sock:
-        sock.bind((LOCALHOST, port))
-
-
-def test_launch_refuses_a_batch_that_does_not_split(tmp_path):
-    cfg = Config.from_flat(batch_size=10, out=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match="batch_size=10 is the global batch.*nproc_per_node=4"):
-        launch(cfg, nproc_per_node=4)
-    with pytest.raises(ConfigError, match="nproc_per_node=0"):
-        launch(cfg, nproc_per_node=0)
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def _fake_torchrun(monkeypatch, code: str) -> None:
-    """Replace the torchrun command by ``python -c code`` (argv[1] = the config path)."""
-    monkeypatch.setattr(D, "torchrun_command",
-                        lambda config_path, nproc, port, python=sys.executable: [python, "-c", code, str(config_path)])
-
-
-def test_launch_passes_the_config_streams_output_and_returns_metrics(tmp_path, monkeypatch, capsys):
-    code = (  # stands in for torchrun + fit(): reads the config it is given, writes metrics.json
-        "import json, os, sys, pathlib\n"
-        "import yaml\n"
-        "cfg = yaml.safe_load(open(sys.argv[1]))\n"
-        "out = pathlib.Path(cfg['train']['out'])\n"
-        "out.mkdir(parents=True)\n"
-        "print('epoch 1/1 from the child', os.environ['OMP_NUM_THREADS'], os.environ['EXTRA'])\n"
-        "(out / 'metrics.json').write_text(json.dumps({'config': sys.argv[1], 'out': str(out),\n"
-        "                                              'batch': cfg['train']['batch_size']}))\n"
-    )
-    _fake_torchrun(monkeypatch, code)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    metrics = launch(Config.from_flat(batch_size=8, out="relative/run"), nproc_per_node=2, env={"EXTRA": "x"})
-    assert metrics["batch"] == 8
-    assert metrics["out"] == str(tmp_path / "relative/run")  # absolute: the processes may run elsewhere
-    assert not Path(metrics["config"]).exists()  # the temporary config is removed
-    assert sorted(p.name for p in (tmp_path / "relative/run").iterdir()) == ["metrics.json"]  # launch adds no file
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert f"epoch 1/1 from the child {threads} x" in capsys.readouterr().out
-
-
-def test_launch_failure_carries_the_end_of_the_output(tmp_path, monkeypatch):
-    _fake_torchrun(monkeypatch, "print('rank 1 says: the real error'); raise SystemExit(3)")
-    with pytest.raises(DistributedLaunchError, match="(?s)exited with 3.*rank 1 says: the real error"):
-        launch(Config.from_flat(batch_size=8, out=str(tmp_path / "run")), nproc_per_node=2, echo=False)
-
-
-def test_launch_timeout_stops_the_process(tmp_path, monkeypatch):
-    import time
-
-    _fake_torchrun(monkeypatch, "import time; print('started', flush=True); time.sleep(60)")
-    start = time.time()
-    with pytest.raises(DistributedLaunchError, match="timed out after 0.5 s"):
-        launch(Config.from_flat(batch_size=8, out=str(tmp_path / "run")), nproc_per_node=2, echo=False, timeout=0.5)
-    assert time.time() - start < 20
 
 
 # ----- two real processes (gloo on 127.0.0.1) ------------------------------------------------------
@@ -332,7 +256,7 @@ def test_collectives_under_a_real_two_process_gloo_group(tmp_path):
     # fork, not spawn: the children need not import torch again (15 s on a busy 2-core machine);
     # each sets one intra-op thread first, as DataLoader workers do, so the fork is safe.
     references = {case: _ddp_case(case, 1, 0) for case in DDP_CASES}  # also imports foodlib.train before the fork
-    mp.start_processes(_two_rank_worker, args=(2, D.free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_two_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all(r["is_distributed"] for r in ranks)
 

@@ -27,6 +27,7 @@ from PIL import Image
 import foodlib
 import foodlib.inference as inference
 from conftest import tiny_config
+from foodlib.errors import UserError
 from foodlib.cli import main as cli_main
 from foodlib.data.augment import eval_transform
 from foodlib.data.images import load_image_array
@@ -405,7 +406,7 @@ def test_traced_module_matches_eager_at_another_batch_size(loss_name):
 
 def test_onnx_without_the_package_names_the_install(run_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed, whatever this machine has
-    with pytest.raises(ImportError, match="pip install onnx"):
+    with pytest.raises(UserError, match="pip install onnx"):
         export_model(run_dir, format="onnx")
     with pytest.raises(ValueError, match="torchscript, onnx"):
         export_model(run_dir, format="tflite")

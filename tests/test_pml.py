@@ -256,7 +256,7 @@ def test_torchrun_two_processes_with_a_pair_loss_keep_the_class_means_in_sync(tm
     batches: training finishes (fit's check_in_sync compares every rank's state at the end), both
     ranks hold bitwise identical class means, and every class was seen by the all-reduced means."""
     import foodlib.distributed as D
-    from foodlib.distributed import launch
+    from torchrun_launch import launch
 
     cfg = Config.from_flat(data="dishes", dishes_classes=4, dishes_per_class=30, image_size=32, backbone="smallcnn",
                            epochs=1, batch_size=16, workers=0, quiet=True, loss=PAIR, augment="none", features=False,

@@ -1,7 +1,7 @@
 """foodlib.precision: the start-of-run line names the device, the number format and the reason."""
 import torch
 
-from foodlib.precision import describe_device_and_precision
+from foodlib.runtime import describe_device_and_precision
 
 CPU = torch.device("cpu")
 
