@@ -29,7 +29,7 @@ _EXPORTS = {
     "embed": "foodlib.inference",
     "nearest_neighbours": "foodlib.inference",
     "export_model": "foodlib.inference",
-    "enroll": "foodlib.enroll",
+    "enroll": "foodlib.inference",
     "run_suite": "foodlib.suite",
     "tune": "foodlib.tuning",
 }

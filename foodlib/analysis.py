@@ -16,6 +16,9 @@ import numpy as np
 from foodlib import metrics as M
 from foodlib.config import Config
 from foodlib.features import extract_features, load_features, save_features
+from foodlib import plots as P
+from foodlib.io import atomic_write_json
+from foodlib.openset import make_openset_figures
 
 
 def analyse_run(run_dir, model, loss, data, cfg, metrics: dict[str, Any], device="cpu", figures: bool = True,
@@ -23,7 +26,7 @@ def analyse_run(run_dir, model, loss, data, cfg, metrics: dict[str, Any], device
     """Extract features of every split from ``model`` / ``loss`` and add metrics and figures."""
     import torch
 
-    from foodlib.train import autocast_dtype, loader_workers
+    from foodlib.runtime import autocast_dtype, loader_workers  # lazy: torch (reanalyse from features.npz needs none)
 
     run_dir, device = Path(run_dir), torch.device(device)
     amp_dtype = autocast_dtype(cfg.train.amp, device)
@@ -60,8 +63,6 @@ def make_run_figures(run_dir, features, classes, trace=None, max_umap_points: in
 
     ``label`` names the run in the titles (default: the loss in the run's config.yaml, e.g. "center loss").
     """
-    from foodlib import plots as P  # Figure objects without pyplot: no backend switch, nothing left open
-
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
     split = "test" if "test" in features else ("val" if "val" in features else "train")
@@ -109,10 +110,8 @@ def reanalyse(run_dir, figures: bool = True) -> dict[str, Any]:
     if figures:
         make_run_figures(run_dir, features, classes, trace)
         if (run_dir / "novel_features.npz").is_file():  # held-out dishes: their UMAP and retrieval grid too
-            from foodlib.openset import make_openset_figures  # imports inference (torch) only for such runs
 
             make_openset_figures(run_dir, Config.from_yaml(run_dir / "config.yaml").data.image_size)
-    from foodlib.io import atomic_write_json
 
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics

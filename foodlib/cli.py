@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from foodlib import __version__
+from foodlib.config import Config  # imports no torch
+
 #: The choices of ``neighbours --metric`` and ``export --format``; tests/test_cli.py checks them
 #: against foodlib.inference.METRICS / EXPORT_FORMATS (written here so that parsing imports no torch).
 METRICS = ("euclidean", "cosine")
@@ -42,8 +45,6 @@ class Command(NamedTuple):
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, named after it; defaults stay None so only given flags override."""
-    from foodlib.config import Config  # light: config imports no torch
-
     parser.add_argument("--config", help="YAML config to start from (flags override it)")
     for name, (section, leaf) in Config.field_index().items():
         flag = "--" + name.replace("_", "-")
@@ -56,16 +57,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from foodlib.config import Config
-
     base = Config.from_yaml(args.config) if getattr(args, "config", None) else Config()
     overrides = {name: getattr(args, name) for name in Config.field_index() if getattr(args, name, None) is not None}
     return base.with_overrides(**overrides)
 
 
 def cmd_train(args) -> int:
-    from foodlib.distributed import dist_info
-    from foodlib.train import fit
+    from foodlib.distributed import dist_info  # lazy: torch (arguments are parsed before it loads)
+    from foodlib.train import fit  # lazy: torch (arguments are parsed before it loads)
 
     result = fit(config_from_args(args))
     if dist_info().is_main:  # under torchrun, one line, not one per rank
@@ -82,7 +81,7 @@ def _data_check_args(parser):
 
 
 def cmd_data_check(args) -> int:
-    from foodlib.data.scan import main_data_check
+    from foodlib.data.scan import main_data_check  # lazy: torch (arguments are parsed before it loads)
 
     return main_data_check(args.path, as_json=args.json, fail_on_error=args.fail_on_error)
 
@@ -98,7 +97,7 @@ def _cache_args(parser):
 
 
 def cmd_cache(args) -> int:
-    from foodlib.data.caches import main_cache
+    from foodlib.data.caches import main_cache  # lazy: torch (arguments are parsed before it loads)
 
     return main_cache(args.cache_dir, args.prune, args.older_than, args.dry_run)
 
@@ -113,7 +112,7 @@ def _analyse_args(parser):
 def cmd_analyse(args) -> int:
     import json
 
-    from foodlib.analysis import reanalyse
+    from foodlib.analysis import reanalyse  # lazy: torch (arguments are parsed before it loads)
 
     metrics = reanalyse(args.run_dir, figures=not args.no_figures)
     print(json.dumps({k: v for k, v in metrics.items() if k in ("val", "test")}, indent=2))
@@ -141,10 +140,10 @@ def _suite_args(parser) -> None:
 
 
 def cmd_suite(args) -> int:
-    from foodlib.suite import SuiteError, run_suite
+    from foodlib.suite import SuiteError, run_suite  # lazy: torch (arguments are parsed before it loads)
 
     if getattr(args, "worker", False) and not args.dry_run:  # several workers, one folder: suite_workers.py
-        from foodlib.suite_workers import run_worker
+        from foodlib.suite_workers import run_worker  # lazy: torch (arguments are parsed before it loads)
 
         if args.jobs != 1:
             raise SuiteError("--worker runs one run at a time; start more workers instead of --jobs")
@@ -162,7 +161,7 @@ def _report_args(parser) -> None:
 
 
 def cmd_report(args) -> int:
-    from foodlib.report import write_report
+    from foodlib.report import write_report  # lazy: torch (arguments are parsed before it loads)
 
     path = write_report(args.suite_dir, copy_to="readme_pictures" if args.readme_pictures else None,
                         baseline=args.baseline)
@@ -190,7 +189,7 @@ def _tune_args(parser) -> None:
 
 
 def cmd_tune(args) -> int:
-    from foodlib.tuning import tune
+    from foodlib.tuning import tune  # lazy: torch (arguments are parsed before it loads)
 
     tune(args.suite, trials=args.trials, storage=args.storage, out_dir=args.out_dir, device=args.device,
          threads=args.threads, best_out=args.best_out, report_only=args.report_only, quiet=not args.verbose)
@@ -222,7 +221,7 @@ def _predict_args(parser) -> None:
 
 
 def cmd_predict(args) -> int:
-    from foodlib.inference import predict
+    from foodlib.inference import predict  # lazy: torch (arguments are parsed before it loads)
 
     preds = predict(args.run_dir, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
                     checkpoint=args.checkpoint, progress=not args.quiet)
@@ -239,7 +238,7 @@ def _embed_args(parser) -> None:
 
 
 def cmd_embed(args) -> int:
-    from foodlib.inference import embed
+    from foodlib.inference import embed  # lazy: torch (arguments are parsed before it loads)
 
     result = embed(args.run_dir, args.paths, out=args.out, batch_size=args.batch_size, device=args.device,
                    checkpoint=args.checkpoint, progress=not args.quiet)
@@ -259,7 +258,7 @@ def _neighbours_args(parser) -> None:
 
 
 def cmd_neighbours(args) -> int:
-    from foodlib.inference import nearest_neighbours
+    from foodlib.inference import nearest_neighbours  # lazy: torch (arguments are parsed before it loads)
 
     result = nearest_neighbours(args.run_dir, args.paths, k=args.k, metric=args.metric, gallery=args.gallery,
                                 batch_size=args.batch_size, device=args.device, checkpoint=args.checkpoint,
@@ -288,7 +287,7 @@ def _export_args(parser) -> None:
 
 
 def cmd_export(args) -> int:
-    from foodlib.inference import export_model
+    from foodlib.inference import export_model  # lazy: torch (arguments are parsed before it loads)
 
     by_suffix = {".pt2": "pt2", ".pt": "torchscript", ".onnx": "onnx"}
     fmt = args.format or (by_suffix.get(Path(args.out).suffix, "pt2") if args.out else "pt2")
@@ -309,7 +308,8 @@ def _enroll_args(parser) -> None:
 
 
 def cmd_enroll(args) -> int:
-    from foodlib.enroll import enroll, enrolled_dishes, remove_enrolled
+    from foodlib.enrolled import enrolled_dishes, remove_enrolled  # lazy: torch (arguments are parsed before it loads)
+    from foodlib.inference import enroll  # lazy: torch (arguments are parsed before it loads)
 
     if sum(bool(x) for x in (args.folder, args.list, args.remove)) != 1:
         raise ValueError("give exactly one of FOLDER (dishes to add), --list or --remove NAME")
@@ -366,8 +366,6 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``foodlib`` parser with every command; building it imports no torch."""
-    from foodlib import __version__  # foodlib/__init__.py imports nothing heavy
-
     parser = argparse.ArgumentParser(prog="foodlib", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"foodlib {__version__}")
     debug = argparse.ArgumentParser(add_help=False)  # --debug before or after the command
@@ -391,9 +389,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     pretrained weights, a missing optional package). Imported only once an error happened, so the CLI
     starts fast.
     """
-    from foodlib.errors import UserError
-    from foodlib.io import FolderBusyError, NoSpaceError
-    from foodlib.train import CheckpointError, NonFiniteLossError
+    from foodlib.errors import UserError  # lazy: torch (arguments are parsed before it loads)
+    from foodlib.io import FolderBusyError, NoSpaceError  # lazy: torch (arguments are parsed before it loads)
+    from foodlib.train import CheckpointError, NonFiniteLossError  # lazy: torch (arguments are parsed before it loads)
 
     return (ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError,
             NoSpaceError, UserError)

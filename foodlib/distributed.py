@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from foodlib.errors import ConfigError
+from foodlib.io import atomic_torch_save
 
 T = TypeVar("T")
 
@@ -311,7 +312,6 @@ def dump_rank_state(model: nn.Module, loss: nn.Module, folder: str | Path | None
     folder = folder or os.environ.get(RANK_STATE_DIR_ENV)
     if not folder:
         return None
-    from foodlib.io import atomic_torch_save
 
     rank = dist.get_rank() if is_distributed() else 0
     world_size = dist.get_world_size() if is_distributed() else 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from foodlib.io import atomic_write
 
 if TYPE_CHECKING:  # torch is imported where it is used: load_features serves torch-free reports
     import torch
@@ -37,7 +38,7 @@ def extract_features(
     import torch
     from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
-    from foodlib.data.augment import eval_transform, normalization
+    from foodlib.data.augment import eval_transform, normalization  # lazy: torch (the .npz functions are numpy-only)
 
     device = torch.device(device)
     model.eval()
@@ -66,8 +67,6 @@ def save_features(path: str | Path, features: dict[str, dict[str, np.ndarray]], 
 
     ``float16`` halves the file for big sets (embeddings and logits only; labels stay int64).
     """
-    from foodlib.io import atomic_write
-
     arrays: dict[str, np.ndarray] = {"classes": np.asarray(classes)}
     for split, feats in features.items():
         for key, value in feats.items():

@@ -35,43 +35,29 @@ import numpy as np
 import torch
 from torch import nn
 
+import foodlib
 from foodlib.config import Config
-from foodlib.errors import UserError
 from foodlib.data.augment import CROP_FRACTION, cache_side, normalization
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image_array
+from foodlib.enrolled import (ENROLLED_FILE, PRIOR_PHOTOS, EnrolledDishes, add_enrolled_gallery, check_enrollable,
+                              enrolled_dishes, enrolled_metadata, merge_dishes, with_enrolled)
+from foodlib.errors import UserError
 from foodlib.features import extract_features, load_features
-from foodlib.losses import DiscriminativeLoss
+from foodlib.io import atomic_write, atomic_write_json, atomic_write_text
+from foodlib.losses import DiscriminativeLoss, trained_metric
+from foodlib.openset import Neighbours
+from foodlib.runfolder import read_split_file
+from foodlib.runtime import autocast_dtype, resolve_device
+from foodlib.train import load_run
 
 __all__ = [
     "ConfusedPair", "InferenceModule", "InferenceRun", "Neighbours", "Predictions", "collect_image_paths",
     "confused_pairs", "embed", "export_model", "load_exported", "most_confused_pairs", "nearest_neighbours",
-    "predict", "read_split_file", "trace_module", "trained_metric",
+    "predict", "read_split_file", "trace_module", "trained_metric", "Enrollment", "enroll",
 ]
 
-#: The distance each loss trains its embedding for. Center and island loss pull samples to class
-#: centers by squared Euclidean distance; L-GM classifies by Mahalanobis distance to the class
-#: means, which is Euclidean for the default identity covariance (with ``covariance="diagonal"`` it
-#: is per class, so no single metric fits the gallery and Euclidean remains the neutral choice).
-#: Softmax trains no metric; Euclidean is the common default and ``metric="cosine"`` the usual
-#: alternative for its features.
-TRAINED_METRICS = {"softmax": "euclidean", "center": "euclidean", "lgm": "euclidean", "island": "euclidean"}
-#: Contrastive-center loss pulls by squared Euclidean distance; CosFace and ArcFace normalise the
-#: features and train angles; pytorch-metric-learning losses (``pml:...``) mostly compare unit-length
-#: embeddings (their default distances normalise), so cosine ranks their neighbours.
-TRAINED_METRICS.update({"contrastive_center": "euclidean", "cosface": "cosine", "arcface": "cosine"})
 METRICS = ("euclidean", "cosine")
 EXPORT_FORMATS = ("pt2", "torchscript", "onnx")  # pt2: torch.export, what PyTorch recommends today
-
-
-def trained_metric(loss_name: str) -> str:
-    """The nearest-neighbour metric for embeddings trained with ``loss_name`` (see :data:`TRAINED_METRICS`).
-
-    >>> trained_metric("center")
-    'euclidean'
-    """
-    if str(loss_name).startswith("pml:"):
-        return "cosine"
-    return TRAINED_METRICS.get(loss_name, "euclidean")
 
 
 # ----- the loaded run ---------------------------------------------------------------------------
@@ -100,8 +86,6 @@ class InferenceRun:
     def load(cls, run_dir: str | Path, checkpoint: str = "best.pt", device: str | torch.device = "auto"
              ) -> "InferenceRun":
         """Read ``run_dir/checkpoint`` (the best-val checkpoint by default) onto ``device`` ("auto": GPU if any)."""
-        from foodlib.train import load_run, resolve_device
-
         run_dir = Path(run_dir).expanduser()
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `foodlib train`")
@@ -129,8 +113,6 @@ class InferenceRun:
     @property
     def amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype fit() used for evaluation on this device (None: float32)."""
-        from foodlib.train import autocast_dtype
-
         return autocast_dtype(self.cfg.train.amp, self.device)
 
     @property
@@ -303,8 +285,6 @@ class Predictions:
         """Write ``.csv`` (one row per image, top-k columns, skipped files with ``error``), ``.json``
         (``{"classes", "predictions", "skipped"}``) or ``.npz`` (paths, embeddings, logits, classes,
         skipped paths and reasons); the suffix decides."""
-        from foodlib.io import atomic_write, atomic_write_json, atomic_write_text
-
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix == ".csv":
@@ -393,7 +373,6 @@ def predict(
     run = _as_run(run_dir, checkpoint, device)
     result = _infer(run, collect_image_paths(paths), batch_size, progress, desc="predict")
     if (run.run_dir / "enrolled.npz").is_file():  # dishes added by `foodlib enroll`, ranked with the run's own
-        from foodlib.enroll import with_enrolled
 
         result = with_enrolled(run, result)
     result.top_k = top_k
@@ -427,27 +406,99 @@ def embed(
     return result
 
 
-# ----- nearest neighbours -----------------------------------------------------------------------
+# ----- enrol new dishes (stored by foodlib.enrolled) ------------------------------------------------
 
-def read_split_file(run_dir: str | Path, split: str) -> tuple[list[str], list[str]]:
-    """Paths and class names of ``run_dir/splits/<split>.txt`` (``path<TAB>class`` per line), in order.
+@dataclass
+class Enrollment:
+    """What one :func:`enroll` call did."""
 
-    This order is the order of the split's rows in ``features.npz``: ``load_data`` writes the
-    split files from the same index (after dropping bad files) whose ``paths`` the split's
-    ``ImageSource`` reads, and features are extracted with ``shuffle=False`` loaders, which visit
-    rows 0..N-1 in turn (``BatchLoader.batches``).
+    names: list[str]  # dishes added
+    counts: list[int]  # photos used per added dish
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable photo -> reason
+    empty: list[str] = field(default_factory=list)  # dish folders with no readable photo (not added)
+
+
+def _dish_folders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass FOLDER with one subfolder of photos per dish")
+    dishes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dishes:
+        raise ValueError(f"{folder} has no dish folders; put each new dish's photos in FOLDER/<dish name>/")
+    return dishes
+
+
+def enroll(run_dir, folder, checkpoint: str = "best.pt", device="auto", batch_size: int = 64,
+           progress: bool = False) -> Enrollment:
+    """Enroll every ``folder/<dish>/`` photo folder as a new dish of the run (saved in ``RUN/enrolled.npz``).
+
+    Raises:
+        ValueError: a dish name the run already has (its own classes or enrolled ones), a loss
+            without class geometry (softmax), a folder without dish folders, or no readable photo at all.
+
+    Unreadable photos are skipped and listed in ``Enrollment.skipped``; a dish folder without a
+    readable photo is left out and listed in ``Enrollment.empty``.
     """
-    file = Path(run_dir) / "splits" / f"{split}.txt"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist; the run has no {split!r} split (see {file.parent})")
-    paths, names = [], []
-    for line in file.read_text().splitlines():
-        if line:
-            path, name = line.rsplit("\t", 1)
-            paths.append(path)
-            names.append(name)
-    return paths, names
+    run = _as_run(run_dir, checkpoint, device)
+    check_enrollable(run)
+    existing = enrolled_dishes(run.run_dir)
+    if existing is not None and existing.checkpoint != run.checkpoint:
+        raise ValueError(f"{run.run_dir / ENROLLED_FILE} holds dishes embedded with {existing.checkpoint}; "
+                         f"enroll with --checkpoint {existing.checkpoint} or remove them first")
+    dishes = _dish_folders(Path(folder).expanduser())
+    taken = set(run.classes) | set(existing.names if existing is not None else [])
+    clashes = [d.name for d in dishes if d.name in taken]
+    if clashes:
+        raise ValueError(f"dish name(s) {clashes} already exist in {run.run_dir}; rename the folder(s), or remove the "
+                         "enrolled dish first (foodlib enroll RUN --remove NAME)")
 
+    photos, photo_dish = [], []
+    empty = []
+    for i, dish in enumerate(dishes):
+        files = sorted(str(p.resolve()) for p in dish.rglob("*")
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            empty.append(dish.name)
+        photos += files
+        photo_dish += [i] * len(files)
+    if not photos:
+        raise ValueError(f"no photos in the dish folders of {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:6])}...)")
+    embedded = _infer(run, photos, batch_size, progress, desc="enroll")
+    dish_of = dict(zip(photos, photo_dish))
+    kept_dish = np.asarray([dish_of[p] for p in embedded.paths], dtype=np.int64)
+
+    prior_var = None
+    if run.cfg.loss.loss == "lgm" and run.loss.log_var is not None:
+        prior_var = np.exp(run.loss.log_var.detach().float().cpu().numpy()).mean(0)  # (D,)
+    names, means, log_vars, counts, labels = [], [], [], [], []
+    for i, dish in enumerate(dishes):
+        rows = np.flatnonzero(kept_dish == i)
+        if not len(rows):
+            if dish.name not in empty:
+                empty.append(dish.name)  # every photo unreadable
+            continue
+        emb = embedded.embeddings[rows].astype(np.float64)  # (n, D)
+        names.append(dish.name)
+        means.append(emb.mean(0))
+        counts.append(len(rows))
+        labels.append(np.full(len(rows), len(names) - 1))
+        if prior_var is not None:
+            n = len(rows) - 1  # degrees of freedom of the sample variance
+            sample = emb.var(0, ddof=1) if n > 0 else prior_var
+            log_vars.append(np.log((n * sample + PRIOR_PHOTOS * prior_var) / (n + PRIOR_PHOTOS)))
+    if not names:
+        raise ValueError(f"no readable photo in any dish folder of {folder}; skipped: {embedded.skipped}")
+
+    dim = embedded.embeddings.shape[1]
+    added = EnrolledDishes(names, np.asarray(means, np.float32).reshape(-1, dim), np.asarray(counts),
+                           np.asarray(log_vars, np.float32) if prior_var is not None else None,
+                           list(embedded.paths), np.concatenate(labels), embedded.embeddings, run.checkpoint)
+    if existing is not None and len(existing):
+        added = merge_dishes(existing, added)
+    added.save(run.run_dir)
+    return Enrollment(names, [int(c) for c in counts], dict(embedded.skipped), empty)
+
+
+# ----- nearest neighbours -----------------------------------------------------------------------
 
 def _split_features(run_dir: Path, split: str, classes: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
     """Paths and features of one split, checked to line up row by row."""
@@ -469,113 +520,6 @@ def _split_features(run_dir: Path, split: str, classes: list[str]) -> tuple[list
     return paths, feats
 
 
-@dataclass
-class Neighbours:
-    """The k nearest gallery images of each query, closest first.
-
-    Attributes:
-        query_paths: the query files (``None`` entries for queries given as embeddings).
-        query_classes: each query's class when its file is in one of the run's splits, else None.
-        query_predicted: each query's predicted class (None for queries given as embeddings).
-        indices: ``(Q, k)`` rows of the gallery.
-        distances: ``(Q, k)`` in ``metric``, ascending along each row.
-        gallery_paths, gallery_labels: the gallery split's files and labels ``(G,)``.
-        classes: the run's class names.
-        metric: "euclidean" or "cosine" (cosine distance = 1 - cosine similarity).
-        image_side: side of the network's input crop, for :meth:`figure`.
-        skipped: unreadable query files, path -> reason.
-    """
-
-    query_paths: list[str | None]
-    query_classes: list[str | None]
-    query_predicted: list[str | None]
-    indices: np.ndarray
-    distances: np.ndarray
-    gallery_paths: list[str]
-    gallery_labels: np.ndarray
-    classes: list[str]
-    metric: str
-    image_side: int = 64
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def neighbour_paths(self, query: int) -> list[str]:
-        return [self.gallery_paths[j] for j in self.indices[query]]
-
-    def neighbour_classes(self, query: int) -> list[str]:
-        return [self.classes[self.gallery_labels[j]] for j in self.indices[query]]
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per (query, rank): query, query_class, rank, path, class, distance."""
-        return [
-            {"query": self.query_paths[q], "query_class": self.query_classes[q], "rank": r + 1,
-             "path": self.gallery_paths[j], "class": self.classes[self.gallery_labels[j]],
-             "distance": float(self.distances[q, r])}
-            for q in range(len(self)) for r, j in enumerate(self.indices[q])
-        ]
-
-    def save(self, path: str | Path) -> Path:
-        """Write :meth:`rows` as ``.csv`` or ``.json`` (with the metric and skipped queries)."""
-        from foodlib.io import atomic_write_json, atomic_write_text
-
-        path = Path(path)
-        rows = self.rows()
-        if path.suffix.lower() == ".csv":
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=["query", "query_class", "rank", "path", "class", "distance"])
-            writer.writeheader()
-            writer.writerows(rows)
-            return atomic_write_text(path, buffer.getvalue())
-        if path.suffix.lower() == ".json":
-            return atomic_write_json(path, {"metric": self.metric, "neighbours": rows, "skipped": self.skipped})
-        raise ValueError(f"cannot save neighbours as {path.name!r}: use a .csv or .json file name")
-
-    def figure(self, max_queries: int | None = 8, cell_inches: float = 1.5):
-        """One row per query: the query image, then its neighbours with class and distance.
-
-        Neighbours of the query's own class are titled in green, others in red (grey when the
-        query's class is unknown). Images are the network's view: the evaluation center crop.
-
-        Returns:
-            A matplotlib ``Figure`` (not registered with pyplot; save it or show it in a notebook).
-        """
-        from matplotlib.figure import Figure
-
-        n_rows = len(self) if max_queries is None else min(len(self), max_queries)
-        n_cols = self.indices.shape[1] + 1
-        fig = Figure(figsize=(cell_inches * n_cols, cell_inches * 1.25 * max(n_rows, 1)), layout="constrained")
-        axes = fig.subplots(max(n_rows, 1), n_cols, squeeze=False)
-        for ax in axes.ravel():
-            ax.set_axis_off()
-        for q in range(n_rows):
-            query_class = self.query_classes[q]
-            title = "query" + (f"\n{query_class}" if query_class else "")
-            if self.query_predicted[q] is not None and self.query_predicted[q] != query_class:
-                title += f"\n-> {self.query_predicted[q]}"
-            _show(axes[q, 0], self.query_paths[q], self.image_side, title, "black")
-            for r, j in enumerate(self.indices[q]):
-                name = self.classes[self.gallery_labels[j]]
-                colour = "grey" if query_class is None else ("tab:green" if name == query_class else "tab:red")
-                _show(axes[q, r + 1], self.gallery_paths[j], self.image_side,
-                      f"{name}\nd={self.distances[q, r]:.3g}", colour)
-        fig.suptitle(f"nearest training images ({self.metric} distance)", fontsize=9)
-        return fig
-
-
-def _show(ax, path: str | None, image_size: int, title: str, colour: str) -> None:
-    ax.set_title(title, fontsize=7, color=colour)
-    if path is None:
-        return
-    try:
-        square = load_image_array(path, cache_side(image_size))  # (S, S, 3)
-    except (ImageDecodeError, OSError):
-        return
-    top = (square.shape[0] - image_size) // 2
-    ax.imshow(square[top: top + image_size, top: top + image_size])  # the eval center crop
-
-
 def nearest_neighbours(
     run_dir: str | Path | InferenceRun,
     queries: str | Path | Sequence[str | Path] | np.ndarray,
@@ -595,7 +539,7 @@ def nearest_neighbours(
 
     Args:
         metric: "euclidean" or "cosine"; ``None`` takes the metric the run's loss trains for
-            (:func:`trained_metric`: Euclidean for all four losses).
+            (:func:`foodlib.losses.trained_metric`: the loss class's ``metric``).
         gallery: the split searched ("train", "val" or "test").
 
     Returns:
@@ -618,7 +562,6 @@ def nearest_neighbours(
     gallery_embeddings = gallery_feats["embeddings"]  # (G, D)
     gallery_labels, classes = gallery_feats["labels"], run.classes
     if gallery == "train" and (run.run_dir / "enrolled.npz").is_file():  # enrolled dishes' photos join the gallery
-        from foodlib.enroll import add_enrolled_gallery
 
         gallery_paths, gallery_embeddings, gallery_labels, classes = add_enrolled_gallery(
             run, gallery_paths, gallery_embeddings, gallery_labels)
@@ -734,8 +677,6 @@ class InferenceModule(nn.Module):
 
 def export_metadata(run: InferenceRun) -> dict[str, str]:
     """The JSON texts that travel with an exported model: classes, preprocessing, model description."""
-    import foodlib
-
     preprocessing = {
         "input": "float32 (N, 3, image_size, image_size), RGB, normalised: (pixel / 255 - mean) / std",
         "image_size": run.image_size,
@@ -756,7 +697,6 @@ def export_metadata(run: InferenceRun) -> dict[str, str]:
     texts = {"classes.json": json.dumps(run.classes), "preprocessing.json": json.dumps(preprocessing, indent=2),
              "model.json": json.dumps(model, indent=2)}
     if (run.run_dir / "enrolled.npz").is_file():  # dishes added by `foodlib enroll`: every class's mean, to score them
-        from foodlib.enroll import enrolled_metadata
 
         texts.update(enrolled_metadata(run))
     return texts
@@ -876,8 +816,6 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, metadata: 
 
 def _export_program(module: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> None:
     """``torch.export`` of ``module`` (float32, CPU, eval) with a dynamic batch; metadata inside and alongside."""
-    from foodlib.io import atomic_write, atomic_write_json
-
     module = module.float().cpu().eval()
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():

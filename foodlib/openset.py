@@ -12,7 +12,7 @@ Three families of numbers, all from embeddings ``(N, D)`` and labels ``(N,)`` (n
   rates 1e-2 and 1e-3 over all same-dish / different-dish pairs (scikit-learn's ROC).
 
 Distances are the loss's own geometry: Euclidean for center, island and L-GM (and softmax by
-convention, :data:`foodlib.inference.TRAINED_METRICS`), cosine available for every function.
+convention: each loss class's ``metric``), cosine available for every function.
 
 :func:`evaluate_openset` runs all of it at the end of ``fit()`` when ``novel_classes`` held classes
 out: the ``novel`` section of ``metrics.json`` (over the pool of held-out images) and the same
@@ -25,10 +25,19 @@ retrieval numbers on the known classes' test split (in ``metrics["test"]``).
 """
 from __future__ import annotations
 
+import csv
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+
+from foodlib import plots as P
+from foodlib.features import extract_features, load_features, save_features
+from foodlib.io import atomic_write_json, atomic_write_text
+from foodlib.runfolder import read_split_file
 
 METRICS = ("euclidean", "cosine")
 RECALL_KS = (1, 2, 4, 8)
@@ -206,9 +215,8 @@ def evaluate_openset(run_dir, model, loss, data, cfg, metrics: dict[str, Any], d
     """
     import torch
 
-    from foodlib.features import extract_features, load_features, save_features
-    from foodlib.inference import trained_metric
-    from foodlib.train import autocast_dtype, loader_workers
+    from foodlib.losses import trained_metric  # lazy: torch (the metrics here are numpy-only)
+    from foodlib.runtime import autocast_dtype, loader_workers  # lazy: torch
 
     if getattr(data, "novel", None) is None:
         return metrics
@@ -232,6 +240,114 @@ def evaluate_openset(run_dir, model, loss, data, cfg, metrics: dict[str, Any], d
     return metrics
 
 
+# ----- nearest-neighbour results -------------------------------------------------------------------
+
+@dataclass
+class Neighbours:
+    """The k nearest gallery images of each query, closest first.
+
+    Attributes:
+        query_paths: the query files (``None`` entries for queries given as embeddings).
+        query_classes: each query's class when its file is in one of the run's splits, else None.
+        query_predicted: each query's predicted class (None for queries given as embeddings).
+        indices: ``(Q, k)`` rows of the gallery.
+        distances: ``(Q, k)`` in ``metric``, ascending along each row.
+        gallery_paths, gallery_labels: the gallery split's files and labels ``(G,)``.
+        classes: the run's class names.
+        metric: "euclidean" or "cosine" (cosine distance = 1 - cosine similarity).
+        image_side: side of the network's input crop, for :meth:`figure`.
+        skipped: unreadable query files, path -> reason.
+    """
+
+    query_paths: list[str | None]
+    query_classes: list[str | None]
+    query_predicted: list[str | None]
+    indices: np.ndarray
+    distances: np.ndarray
+    gallery_paths: list[str]
+    gallery_labels: np.ndarray
+    classes: list[str]
+    metric: str
+    image_side: int = 64
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def neighbour_paths(self, query: int) -> list[str]:
+        return [self.gallery_paths[j] for j in self.indices[query]]
+
+    def neighbour_classes(self, query: int) -> list[str]:
+        return [self.classes[self.gallery_labels[j]] for j in self.indices[query]]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per (query, rank): query, query_class, rank, path, class, distance."""
+        return [
+            {"query": self.query_paths[q], "query_class": self.query_classes[q], "rank": r + 1,
+             "path": self.gallery_paths[j], "class": self.classes[self.gallery_labels[j]],
+             "distance": float(self.distances[q, r])}
+            for q in range(len(self)) for r, j in enumerate(self.indices[q])
+        ]
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`rows` as ``.csv`` or ``.json`` (with the metric and skipped queries)."""
+        path = Path(path)
+        rows = self.rows()
+        if path.suffix.lower() == ".csv":
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=["query", "query_class", "rank", "path", "class", "distance"])
+            writer.writeheader()
+            writer.writerows(rows)
+            return atomic_write_text(path, buffer.getvalue())
+        if path.suffix.lower() == ".json":
+            return atomic_write_json(path, {"metric": self.metric, "neighbours": rows, "skipped": self.skipped})
+        raise ValueError(f"cannot save neighbours as {path.name!r}: use a .csv or .json file name")
+
+    def figure(self, max_queries: int | None = 8, cell_inches: float = 1.5):
+        """One row per query: the query image, then its neighbours with class and distance.
+
+        Neighbours of the query's own class are titled in green, others in red (grey when the
+        query's class is unknown). Images are the network's view: the evaluation center crop.
+
+        Returns:
+            A matplotlib ``Figure`` (not registered with pyplot; save it or show it in a notebook).
+        """
+        n_rows = len(self) if max_queries is None else min(len(self), max_queries)
+        n_cols = self.indices.shape[1] + 1
+        fig = Figure(figsize=(cell_inches * n_cols, cell_inches * 1.25 * max(n_rows, 1)), layout="constrained")
+        axes = fig.subplots(max(n_rows, 1), n_cols, squeeze=False)
+        for ax in axes.ravel():
+            ax.set_axis_off()
+        for q in range(n_rows):
+            query_class = self.query_classes[q]
+            title = "query" + (f"\n{query_class}" if query_class else "")
+            if self.query_predicted[q] is not None and self.query_predicted[q] != query_class:
+                title += f"\n-> {self.query_predicted[q]}"
+            _show(axes[q, 0], self.query_paths[q], self.image_side, title, "black")
+            for r, j in enumerate(self.indices[q]):
+                name = self.classes[self.gallery_labels[j]]
+                colour = "grey" if query_class is None else ("tab:green" if name == query_class else "tab:red")
+                _show(axes[q, r + 1], self.gallery_paths[j], self.image_side,
+                      f"{name}\nd={self.distances[q, r]:.3g}", colour)
+        fig.suptitle(f"nearest training images ({self.metric} distance)", fontsize=9)
+        return fig
+
+
+def _show(ax, path: str | None, image_size: int, title: str, colour: str) -> None:
+    ax.set_title(title, fontsize=7, color=colour)
+    if path is None:
+        return
+    from foodlib.data.augment import cache_side  # lazy: foodlib.data imports torch (the metrics here are numpy-only)
+    from foodlib.data.images import ImageDecodeError, load_image_array  # lazy: as above
+
+    try:
+        square = load_image_array(path, cache_side(image_size))  # (S, S, 3)
+    except (ImageDecodeError, OSError):
+        return
+    top = (square.shape[0] - image_size) // 2
+    ax.imshow(square[top: top + image_size, top: top + image_size])  # the eval center crop
+
+
 # ----- figures ----------------------------------------------------------------------------------
 
 def novel_umap(known_emb, novel_emb, novel_labels, novel_classes: Sequence[str], ax=None, title: str | None = None,
@@ -244,8 +360,6 @@ def novel_umap(known_emb, novel_emb, novel_labels, novel_classes: Sequence[str],
     Returns:
         The matplotlib Figure.
     """
-    from foodlib import plots as P
-
     known_emb, novel_emb = np.asarray(known_emb, np.float32), np.asarray(novel_emb, np.float32)
     novel_labels = np.asarray(novel_labels)
     both = np.concatenate([known_emb, novel_emb])  # (Nk + Nn, D)
@@ -273,8 +387,6 @@ def retrieval_grid(paths: Sequence[str], labels, classes: Sequence[str], emb, me
     """
     from sklearn.neighbors import NearestNeighbors
 
-    from foodlib.inference import Neighbours
-
     emb, labels = np.asarray(emb, np.float32), np.asarray(labels)
     rng = np.random.default_rng(seed)
     dishes = rng.permutation(np.unique(labels))
@@ -294,9 +406,7 @@ def retrieval_grid(paths: Sequence[str], labels, classes: Sequence[str], emb, me
 
 def make_openset_figures(run_dir, image_size: int) -> list[Path]:
     """``figures/novel_umap.png`` and ``figures/novel_retrieval.png`` of a run with held-out classes."""
-    from foodlib import plots as P
-    from foodlib.features import load_features
-    from foodlib.inference import read_split_file, trained_metric
+    from foodlib.losses import trained_metric  # lazy: torch (the metrics here are numpy-only)
 
     run_dir = Path(run_dir)
     novel = load_features(run_dir / "novel_features.npz")

@@ -33,6 +33,9 @@ from matplotlib.figure import Figure
 from foodlib import metrics as M
 from foodlib import plots as P
 from foodlib.runfolder import is_retired
+from foodlib.features import load_features
+from foodlib.io import atomic_write_text
+from foodlib.openset import novel_umap
 
 #: test-split metrics of the summary table, in column order, with their labels.
 TABLE_METRICS = {"top1": "top-1", "top5": "top-5", "fisher_ratio": "Fisher ratio", "silhouette": "silhouette",
@@ -288,8 +291,6 @@ def umap_grid_figure(rows: list[dict[str, Any]], split: str = "test") -> Figure 
     Coordinates are cached in each run's ``umap_<split>.npz`` (the same cache the run's own UMAP
     figure uses, so a figure drawn after training costs nothing here). None when no run has features.
     """
-    from foodlib.features import load_features
-
     panels, classes = [], None
     for variant in _variants(rows):
         members = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
@@ -317,8 +318,6 @@ def lookalike_confusion_figure(rows: list[dict[str, Any]], split: str = "test",
     every run, so they are a property of the data rather than of one model. None without features
     or without any confusion.
     """
-    from foodlib.features import load_features
-
     confusions: dict[str, np.ndarray] = {}
     classes: list[str] | None = None
     for row in rows:
@@ -439,7 +438,6 @@ def write_report(suite_dir: str | Path, copy_to: str | Path | None = None, basel
     for r in rows:
         lines.append(f"| {r['run']} | {r['loss']} | {r['seed']} | {_num(r.get('top1'), 3)} | "
                      f"{_num(r.get('val_top1'), 3)} | {r.get('best_epoch', '-')} | {_num(r.get('train_seconds'), 0)} |")
-    from foodlib.io import atomic_write_text
 
     report = atomic_write_text(suite_dir / "report.md", "\n".join(lines) + "\n")
     if copy_to is not None:
@@ -456,9 +454,6 @@ def novel_umap_grid_figure(rows: list[dict[str, Any]]) -> Figure | None:
     Uses each run's ``novel_features.npz`` and ``features.npz`` (and the run's ``umap_novel.npz``
     cache, which the run's own ``figures/novel_umap.png`` filled). None when no run held classes out.
     """
-    from foodlib.features import load_features
-    from foodlib.openset import novel_umap
-
     chosen = []
     for variant in _variants(rows):
         members = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
@@ -549,7 +544,7 @@ def sample_grid(paths: Sequence[str], labels, class_names: Sequence[str], per_cl
 
     >>> fig = sample_grid(index.splits["train"].paths, index.splits["train"].labels, index.classes)  # doctest: +SKIP
     """
-    from foodlib.data.images import load_image_array
+    from foodlib.data.images import load_image_array  # lazy: foodlib.data imports torch; reports need none
 
     labels = np.asarray(labels)
     if len(paths) != len(labels):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from foodlib.messages import logger
+from foodlib.config import ConfigError
 
 #: Files a run writes once it has trained (any one of them means: results live here).
 RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz")
@@ -27,7 +28,6 @@ def check_writable(run_dir: Path) -> None:
     """
     import tempfile
 
-    from foodlib.config import ConfigError
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,3 +135,23 @@ def retire_run_folder(run_dir: Path) -> Path:
         run_dir.rename(retired)
     (retired / LOCK_NAME).unlink(missing_ok=True)
     return retired
+
+
+def read_split_file(run_dir: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """Paths and class names of ``run_dir/splits/<split>.txt`` (``path<TAB>class`` per line), in order.
+
+    This order is the order of the split's rows in ``features.npz``: ``load_data`` writes the
+    split files from the same index (after dropping bad files) whose ``paths`` the split's
+    ``ImageSource`` reads, and features are extracted with ``shuffle=False`` loaders, which visit
+    rows 0..N-1 in turn (``BatchLoader.batches``).
+    """
+    file = Path(run_dir) / "splits" / f"{split}.txt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist; the run has no {split!r} split (see {file.parent})")
+    paths, names = [], []
+    for line in file.read_text().splitlines():
+        if line:
+            path, name = line.rsplit("\t", 1)
+            paths.append(path)
+            names.append(name)
+    return paths, names

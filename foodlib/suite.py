@@ -310,7 +310,7 @@ def run_suite(
                              + ", ".join(r.name for r in plan))
         plan = [r for r in plan if any(fnmatch.fnmatchcase(r.name, p) for p in only)]
     if device is not None:  # a typo, or cuda on a machine without a GPU, fails here, before the first run
-        from foodlib.train import resolve_device
+        from foodlib.runtime import resolve_device  # lazy: torch (the suite runs notebooks; it trains nothing itself)
 
         try:
             resolve_device(device)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from foodlib.features import load_features
 
 #: Sub-folder of the run folder that holds the event files and the projector's files.
 TENSORBOARD_DIR = "tensorboard"
@@ -139,7 +140,6 @@ class RunBoard:
         """The projector's tensors, labels and sprite for each split of :data:`PROJECTOR_SPLITS`; returns them."""
         import torch
 
-        from foodlib.features import load_features
 
         features = load_features(features_path)
         classes = features.get("classes", [])

@@ -23,9 +23,9 @@ LAYERS: list[tuple[str, set[str]]] = [
                "foodlib.distributed"}),
     ("config", {"foodlib.config"}),
     ("run services", {"foodlib.runtime", "foodlib.runfolder", "foodlib.tensorboard_log", "foodlib.trunk_cache",
-                      "foodlib.analysis", "foodlib.openset"}),
+                      "foodlib.analysis", "foodlib.openset", "foodlib.enrolled"}),
     ("training", {"foodlib.train"}),
-    ("workflows", {"foodlib.inference", "foodlib.enroll", "foodlib.suite", "foodlib.suite_workers",
+    ("workflows", {"foodlib.inference", "foodlib.suite", "foodlib.suite_workers",
                    "foodlib.report", "foodlib.tuning"}),
     ("entry", {"foodlib.cli"}),
 ]
@@ -41,7 +41,8 @@ def layer_of(module: str) -> int:
     best = None
     for index, (_, members) in enumerate(LAYERS):
         for member in members:
-            if (module == member or module.startswith(member + ".")) and (best is None or len(member) > len(best[1])):
+            inside = module.startswith(member + ".") and (PACKAGE.parent / Path(*member.split("."))).is_dir() and member != "foodlib"
+            if (module == member or inside) and (best is None or len(member) > len(best[1])):
                 best = (index, member)
     if best is None:
         raise KeyError(module)
@@ -170,3 +171,15 @@ def foodlib_imports_of_text(path: Path):
         return foodlib_imports(target)
     finally:
         target.unlink()
+
+
+def test_the_light_modules_import_no_torch():
+    """Reading configs, parsing the command line, reports and metrics start fast: no torch import."""
+    import subprocess
+    import sys
+
+    light = ["foodlib", "foodlib.config", "foodlib.cli", "foodlib.metrics", "foodlib.plots", "foodlib.report",
+             "foodlib.openset", "foodlib.suite", "foodlib.features", "foodlib.runfolder", "foodlib.enrolled"]
+    code = f"import sys\nfor m in {light!r}:\n    __import__(m)\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.strip() == "False", result.stdout + result.stderr

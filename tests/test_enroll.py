@@ -70,7 +70,8 @@ def test_run_with_held_out_classes_writes_the_open_set_section(trained):
 
 
 def test_enrolled_dishes_are_recognised_far_above_chance(run, tmp_path):
-    from foodlib.enroll import enroll, enrolled_dishes
+    from foodlib.enrolled import enrolled_dishes
+    from foodlib.inference import enroll
 
     rest = _shots(run, tmp_path / "new")
     done = enroll(run, tmp_path / "new", device="cpu")
@@ -87,7 +88,8 @@ def test_enrolled_dishes_are_recognised_far_above_chance(run, tmp_path):
 
 
 def test_enroll_bad_inputs(run, tmp_path):
-    from foodlib.enroll import _check_loss, enroll, enrolled_dishes, remove_enrolled
+    from foodlib.enrolled import check_enrollable, enrolled_dishes, remove_enrolled
+    from foodlib.inference import enroll
     from foodlib.data.images import load_image_array  # noqa: F401  (the decoder that must reject the fake)
 
     trained_name = json.loads((run / "classes.json").read_text())[0]
@@ -117,7 +119,7 @@ def test_enroll_bad_inputs(run, tmp_path):
         remove_enrolled(run, done.names[0])
     softmax_run = SimpleNamespace(cfg=Config.from_flat(loss="softmax"), run_dir=run)
     with pytest.raises(ValueError, match="softmax"):
-        _check_loss(softmax_run)
+        check_enrollable(softmax_run)
 
 
 def test_enroll_command_lists_and_removes(run, tmp_path, capsys):
@@ -137,7 +139,8 @@ def test_enroll_command_lists_and_removes(run, tmp_path, capsys):
 def test_export_carries_the_enrolled_dishes(run, tmp_path):
     import torch
 
-    from foodlib.enroll import class_scores, enroll
+    from foodlib.enrolled import class_scores
+    from foodlib.inference import enroll
     from foodlib.inference import InferenceRun, export_model, load_exported
 
     _shots(run, tmp_path / "new", shots=3)

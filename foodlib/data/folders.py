@@ -24,6 +24,7 @@ import numpy as np
 
 from foodlib.data.images import IMAGE_EXTENSIONS
 from foodlib.data.walk import walk_files
+from foodlib.io import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 
@@ -67,8 +68,6 @@ class DatasetIndex:
 
     def write_split_files(self, folder: str | Path) -> Path:
         """Write ``splits/<split>.txt`` (path<TAB>class per line) so the exact split can be reproduced."""
-        from foodlib.io import atomic_write_text
-
         folder = Path(folder) / "splits"
         for name, split in self.splits.items():
             lines = [f"{p}\t{self.classes[y]}" for p, y in zip(split.paths, split.labels)]

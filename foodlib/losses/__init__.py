@@ -31,7 +31,7 @@ from .softmax import SoftmaxLoss
 
 __all__ = [
     "CenterLoss", "DiscriminativeLoss", "IslandLoss", "LGMLoss", "LossOutput", "SoftmaxLoss",
-    "create_loss", "list_losses", "loss_options",
+    "create_loss", "list_losses", "loss_options", "trained_metric",
     "ArcFaceLoss", "ContrastiveCenterLoss", "CosFaceLoss", "PMLLoss", "check_loss_options",
 ]
 
@@ -57,6 +57,15 @@ def _loss_class(name: str) -> type[DiscriminativeLoss]:
     except (KeyError, TypeError):
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(list_losses())}, "
                          f"or {PML_PREFIX}<LossName> for a pytorch-metric-learning loss") from None
+
+
+def trained_metric(name: str) -> str:
+    """The nearest-neighbour distance for embeddings trained with loss ``name`` (its class's ``metric``).
+
+    >>> trained_metric("center"), trained_metric("arcface"), trained_metric("pml:MultiSimilarityLoss")
+    ('euclidean', 'cosine', 'cosine')
+    """
+    return PMLLoss.metric if is_pml_name(name) else _loss_class(name).metric
 
 
 def loss_options(name: str) -> tuple[str, ...]:

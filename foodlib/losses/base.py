@@ -46,6 +46,11 @@ class DiscriminativeLoss(nn.Module):
 
     #: names of the terms in ``LossOutput.terms`` (besides the total), in logging order.
     term_names: tuple[str, ...] = ("ce",)
+    #: the distance that ranks this loss's embeddings in nearest-neighbour search (retrieval,
+    #: open-set, ``foodlib neighbours``): "euclidean" for losses that pull by (squared) Euclidean
+    #: distance, or that train no metric (softmax, where Euclidean is the common default);
+    #: "cosine" for losses that normalise the features and train angles.
+    metric: str = "euclidean"
 
     def __init__(self, embedding_dim: int, num_classes: int):
         super().__init__()

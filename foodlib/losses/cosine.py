@@ -25,6 +25,7 @@ class CosineMarginHead(DiscriminativeLoss):
     """
 
     term_names = ("ce",)
+    metric = "cosine"  # features and class weights are normalised: angles are what training shapes
     default_margin = 0.0  # overridden by each paper's value
     default_scale = 64.0
     max_margin = float("inf")  # largest valid margin

@@ -103,6 +103,9 @@ class LGMLoss(DiscriminativeLoss):
     """
 
     term_names = ("ce", "lkd")
+    # Mahalanobis distance to the means is Euclidean for the identity covariance; a diagonal one is per
+    # class, so no single metric fits a gallery and Euclidean stays the neutral choice.
+    metric = "euclidean"
 
     def __init__(self, embedding_dim: int, num_classes: int, lam: float = 0.1, alpha: float = 0.3,
                  covariance: str = "identity", alpha_warmup_epochs: int | None = None,
@@ -161,7 +164,7 @@ class LGMLoss(DiscriminativeLoss):
 
         ``fit()`` never calls this: :meth:`forward` does, on the first training batch.
         """
-        from foodlib.distributed import all_reduce_sum  # local: losses stay importable without it
+        from foodlib.distributed import all_reduce_sum  # lazy: keeps the torch.distributed helpers out of plain loss use
 
         num_classes, dim = self.num_classes, self.embedding_dim
         x64 = x.detach().double()  # (N, D)

@@ -137,6 +137,7 @@ class PMLLoss(DiscriminativeLoss):
     """
 
     term_names = ("pml",)
+    metric = "cosine"  # most pytorch-metric-learning losses compare unit-length embeddings (their default distances)
 
     def __init__(self, embedding_dim: int, num_classes: int, class_name: str, miner: str | None = None,
                  samples_per_class: int | None = None, mean_decay: float = DEFAULT_MEAN_DECAY, **options: Any):

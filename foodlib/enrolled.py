@@ -1,4 +1,8 @@
-"""Add dishes to a trained run from a few photos each, without retraining.
+"""Dishes added to a trained run from a few photos each, without retraining: storage and scoring.
+
+:func:`foodlib.inference.enroll` embeds the photos and stores them here; this module keeps them
+(``RUN/enrolled.npz``), lists and removes them, and scores the run's classes and the enrolled
+dishes together for ``predict``, ``neighbours`` and ``export``.
 
 A dish is enrolled as the mean of its photos' embeddings (and, for L-GM with
 ``covariance="diagonal"``, per-dimension variances); :func:`foodlib.inference.predict` then scores
@@ -34,13 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from foodlib.features import load_features
+from foodlib.io import atomic_write
 
 
 ENROLLED_FILE = "enrolled.npz"
 SUPPORTED_LOSSES = ("center", "island", "lgm")
 PRIOR_PHOTOS = 10  # L-GM diagonal: weight, in photos, of the run's average variance in an enrolled dish's variance
 
-__all__ = ["EnrolledDishes", "Enrollment", "class_scores", "enroll", "enrolled_dishes", "remove_enrolled"]
+__all__ = ["EnrolledDishes", "class_scores", "enrolled_dishes", "merge_dishes", "remove_enrolled"]
 
 
 @dataclass
@@ -60,8 +66,6 @@ class EnrolledDishes:
         return len(self.names)
 
     def save(self, run_dir: str | Path) -> Path:
-        from foodlib.io import atomic_write
-
         arrays = {"names": np.asarray(self.names, dtype=str), "means": self.means.astype(np.float32),
                   "counts": self.counts.astype(np.int64), "paths": np.asarray(self.paths, dtype=str),
                   "path_labels": self.path_labels.astype(np.int64),
@@ -88,7 +92,7 @@ def enrolled_dishes(run_dir: str | Path) -> EnrolledDishes | None:
         raise ValueError(f"{file} is unreadable ({error}); delete it and enroll the dishes again") from error
 
 
-def _check_loss(run) -> None:
+def check_enrollable(run) -> None:
     name = run.cfg.loss.loss
     if name not in SUPPORTED_LOSSES:
         raise ValueError(
@@ -105,7 +109,6 @@ def _original_classes(run) -> tuple[np.ndarray, np.ndarray | None]:
         log_var = run.loss.log_var
         return (run.loss.means.detach().float().cpu().numpy(),
                 None if log_var is None else log_var.detach().float().cpu().numpy())
-    from foodlib.features import load_features
 
     file = run.run_dir / "features.npz"
     if not file.is_file():
@@ -133,7 +136,7 @@ def gaussian_scores(emb: np.ndarray, means: np.ndarray, log_var: np.ndarray | No
 
 def class_scores(run, embeddings: np.ndarray, dishes: EnrolledDishes | None = None) -> tuple[list[str], np.ndarray]:
     """Class names (the run's, then the enrolled) and scores ``(N, C + E)``, higher = more likely."""
-    _check_loss(run)
+    check_enrollable(run)
     dishes = dishes if dishes is not None else enrolled_dishes(run.run_dir)
     means, log_var = _original_classes(run)
     names = list(run.classes)
@@ -204,100 +207,7 @@ def enrolled_metadata(run) -> dict[str, str]:
 
 # ----- enrol / list / remove --------------------------------------------------------------------
 
-@dataclass
-class Enrollment:
-    """What one :func:`enroll` call did."""
-
-    names: list[str]  # dishes added
-    counts: list[int]  # photos used per added dish
-    skipped: dict[str, str] = field(default_factory=dict)  # unreadable photo -> reason
-    empty: list[str] = field(default_factory=list)  # dish folders with no readable photo (not added)
-
-
-def _dish_folders(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; pass FOLDER with one subfolder of photos per dish")
-    dishes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not dishes:
-        raise ValueError(f"{folder} has no dish folders; put each new dish's photos in FOLDER/<dish name>/")
-    return dishes
-
-
-def enroll(run_dir, folder, checkpoint: str = "best.pt", device="auto", batch_size: int = 64,
-           progress: bool = False) -> Enrollment:
-    """Enroll every ``folder/<dish>/`` photo folder as a new dish of the run (saved in ``RUN/enrolled.npz``).
-
-    Raises:
-        ValueError: a dish name the run already has (its own classes or enrolled ones), a loss
-            without class geometry (softmax), a folder without dish folders, or no readable photo at all.
-
-    Unreadable photos are skipped and listed in ``Enrollment.skipped``; a dish folder without a
-    readable photo is left out and listed in ``Enrollment.empty``.
-    """
-    from foodlib.inference import _as_run, _infer
-    from foodlib.data.images import IMAGE_EXTENSIONS
-
-    run = _as_run(run_dir, checkpoint, device)
-    _check_loss(run)
-    existing = enrolled_dishes(run.run_dir)
-    if existing is not None and existing.checkpoint != run.checkpoint:
-        raise ValueError(f"{run.run_dir / ENROLLED_FILE} holds dishes embedded with {existing.checkpoint}; "
-                         f"enroll with --checkpoint {existing.checkpoint} or remove them first")
-    dishes = _dish_folders(Path(folder).expanduser())
-    taken = set(run.classes) | set(existing.names if existing is not None else [])
-    clashes = [d.name for d in dishes if d.name in taken]
-    if clashes:
-        raise ValueError(f"dish name(s) {clashes} already exist in {run.run_dir}; rename the folder(s), or remove the "
-                         "enrolled dish first (foodlib enroll RUN --remove NAME)")
-
-    photos, photo_dish = [], []
-    empty = []
-    for i, dish in enumerate(dishes):
-        files = sorted(str(p.resolve()) for p in dish.rglob("*")
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            empty.append(dish.name)
-        photos += files
-        photo_dish += [i] * len(files)
-    if not photos:
-        raise ValueError(f"no photos in the dish folders of {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:6])}...)")
-    embedded = _infer(run, photos, batch_size, progress, desc="enroll")
-    dish_of = dict(zip(photos, photo_dish))
-    kept_dish = np.asarray([dish_of[p] for p in embedded.paths], dtype=np.int64)
-
-    prior_var = None
-    if run.cfg.loss.loss == "lgm" and run.loss.log_var is not None:
-        prior_var = np.exp(run.loss.log_var.detach().float().cpu().numpy()).mean(0)  # (D,)
-    names, means, log_vars, counts, labels = [], [], [], [], []
-    for i, dish in enumerate(dishes):
-        rows = np.flatnonzero(kept_dish == i)
-        if not len(rows):
-            if dish.name not in empty:
-                empty.append(dish.name)  # every photo unreadable
-            continue
-        emb = embedded.embeddings[rows].astype(np.float64)  # (n, D)
-        names.append(dish.name)
-        means.append(emb.mean(0))
-        counts.append(len(rows))
-        labels.append(np.full(len(rows), len(names) - 1))
-        if prior_var is not None:
-            n = len(rows) - 1  # degrees of freedom of the sample variance
-            sample = emb.var(0, ddof=1) if n > 0 else prior_var
-            log_vars.append(np.log((n * sample + PRIOR_PHOTOS * prior_var) / (n + PRIOR_PHOTOS)))
-    if not names:
-        raise ValueError(f"no readable photo in any dish folder of {folder}; skipped: {embedded.skipped}")
-
-    dim = embedded.embeddings.shape[1]
-    added = EnrolledDishes(names, np.asarray(means, np.float32).reshape(-1, dim), np.asarray(counts),
-                           np.asarray(log_vars, np.float32) if prior_var is not None else None,
-                           list(embedded.paths), np.concatenate(labels), embedded.embeddings, run.checkpoint)
-    if existing is not None and len(existing):
-        added = _merge(existing, added)
-    added.save(run.run_dir)
-    return Enrollment(names, [int(c) for c in counts], dict(embedded.skipped), empty)
-
-
-def _merge(old: EnrolledDishes, new: EnrolledDishes) -> EnrolledDishes:
+def merge_dishes(old: EnrolledDishes, new: EnrolledDishes) -> EnrolledDishes:
     return EnrolledDishes(
         old.names + new.names, np.concatenate([old.means, new.means]), np.concatenate([old.counts, new.counts]),
         None if old.log_var is None else np.concatenate([old.log_var, new.log_var]), old.paths + new.paths,
