@@ -53,16 +53,26 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """The loss and its options.
+
+    Each loss class declares its options once, as the keyword arguments of its constructor, which
+    sets their defaults and checks their values (``foodlib.losses``). The fields below name those
+    keywords so that a config, the CLI flags and the notebook parameters exist without importing
+    torch; ``Config.validate`` builds the loss on a tiny head to check them, and ``fit()`` passes
+    each field the loss's constructor takes (``foodlib.losses.loss_options``). None means "the
+    loss's default"; a field set for a loss that does not take it is an error.
+    tests/test_config.py fails when a loss takes a keyword missing here, or a field here is taken
+    by no loss, or a non-None default below differs from the loss's own.
+    """
+
     loss: str = "softmax"  # softmax | center | lgm | island | contrastive_center | cosface | arcface | pml:<LossName>[?k=v&...]
-    lam: float | None = None  # weight of the center / likelihood term (None: the loss's default)
+    lam: float | None = None  # weight of the center / likelihood / contrastive-center term (None: the loss's default)
     alpha: float | None = None  # center update rate (center, island) or L-GM margin (None: default)
-    update: str = "paper"  # center update: paper (Algorithm 1, rate alpha) | sgd (own learning rate)
-    center_lr: float = 0.5  # learning rate of the centers when update="sgd" (SGD, not scaled by lam)
+    update: str = "paper"  # center, island: center update, paper (Algorithm 1, rate alpha) | sgd (learning rate center_lr)
     covariance: str = "identity"  # L-GM covariance: identity | diagonal
     lam_island: float | None = None  # island loss: weight of the center-separation term
     alpha_warmup_epochs: int | None = None  # L-GM: ramp the margin from alpha/3 to alpha over this many epochs (None: first third of the run, 0: fixed)
     lam_warmup_epochs: int = 0  # ramp lam linearly from 0 over this many epochs (0: no warm-up)
-    # Options below are validated by the loss itself (foodlib.losses.check_loss_options); None: its default.
     margin: float | None = None  # cosface / arcface margin m (None: the papers' 0.35 / 0.5 rad)
     scale: float | None = None  # cosface / arcface scale s of the cosines (None: the papers' 64)
     delta: float | None = None  # contrastive_center: constant in the ratio's denominator (None: 1, the paper's)
@@ -71,12 +81,13 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # sgd | adamw | adagrad (the earlier attempt: adagrad, lr 1e-3)
+    optimizer: str = "adamw"  # sgd | adamw | adagrad (the user's earlier ResNet-18 study: adagrad, lr 1e-3)
     lr: float = 2e-3  # peak learning rate of the network (typical: sgd 0.1, adamw 1e-3..3e-3)
     weight_decay: float = 5e-4  # L2 / decoupled weight decay of the network parameters
     momentum: float = 0.9  # SGD momentum
     schedule: str = "cosine"  # cosine | step | constant
     warmup_epochs: float = 0.0  # linear LR warm-up, in epochs (fractions allowed)
+    center_lr: float = 0.5  # learning rate of the class centers when the loss learns them by SGD (update="sgd", contrastive_center)
 
 
 @dataclass
@@ -125,6 +136,17 @@ class Config:
     def from_flat(cls, **values: Any) -> "Config":
         """Build a validated config from leaf names (notebook parameters, CLI flags)."""
         return cls().with_overrides(**values)
+
+    @classmethod
+    def from_namespace(cls, namespace: dict[str, Any]) -> "Config":
+        """Build a config from the Config fields found in ``namespace`` (other names are ignored).
+
+        A notebook passes its globals: its parameters cell and anything papermill injects.
+
+        >>> Config.from_namespace({"loss": "center", "epochs": 3, "np": object()}).train.epochs
+        3
+        """
+        return cls.from_flat(**{name: namespace[name] for name in cls.field_index() if name in namespace})
 
     def with_overrides(self, **values: Any) -> "Config":
         """A copy with the given leaves replaced (unknown names raise a ConfigError), validated."""
@@ -208,10 +230,6 @@ class Config:
                 raise ConfigError(f"{name}={value!r} must be a finite number (in [{low}, {high}))")
             if not (low <= value <= high):
                 raise ConfigError(f"{name}={value!r} is out of range; it must lie in [{low}, {high}]")
-        if self.loss.loss in ("center", "island") and self.loss.alpha is not None and not 0 < self.loss.alpha <= 1:
-            raise ConfigError(
-                f"alpha={self.loss.alpha!r} is the center update rate of the {self.loss.loss} loss and must lie in (0, 1]"
-            )
         if isinstance(self.data.novel_classes, int) and self.data.novel_classes < 2:
             raise ConfigError(f"novel_classes={self.data.novel_classes!r} must be >= 2 (a count) or a list of class names")
         if self.train.samples_per_class is not None and not (
@@ -242,12 +260,10 @@ class Config:
                 f"loss={self.loss.loss!r} is not a registered loss; choose one of {list_losses()} "
                 "or pml:<LossName>[?option=value&...] for a pytorch-metric-learning loss"
             )
-        given = {name: self.get(name) for name in LOSS_DECLARED_OPTIONS if self.get(name) is not None}
-        if given or is_pml_name(self.loss.loss):
-            try:  # the loss is the source of truth for these options: its constructor validates them
-                check_loss_options(self.loss.loss, **given)
-            except ValueError as error:
-                raise ConfigError(f"loss={self.loss.loss!r}: {error}") from None
+        try:  # the loss is the source of truth for its options: its constructor checks them
+            check_loss_options(self.loss.loss, **self.loss_options())
+        except ValueError as error:
+            raise ConfigError(f"loss={self.loss.loss!r}: {error}") from None
         backbone = self.model.backbone
         if backbone not in list_models() and not (backbone.startswith("timm/") and len(backbone) > len("timm/")):
             raise ConfigError(
@@ -255,20 +271,21 @@ class Config:
                 "or timm/<name> for any timm model"
             )
 
+    def loss_options(self) -> dict[str, Any]:
+        """The loss options this config sets: the LossConfig fields that are not None and not at their
+        default (a default the loss does not take, e.g. ``update`` for softmax, is not "set")."""
+        defaults = LossConfig()
+        return {f.name: getattr(self.loss, f.name) for f in dataclasses.fields(LossConfig)
+                if f.name != "loss" and getattr(self.loss, f.name) is not None
+                and getattr(self.loss, f.name) != getattr(defaults, f.name)}
+
     def get(self, name: str) -> Any:
         section, _ = self.field_index()[name]
         return getattr(getattr(self, section), name)
 
 
-#: LossConfig fields whose valid values the loss declares (checked by building it, see
-#: ``_validate_registry_names``); they have no entry in _RANGES / _CHOICES. Setting one for a loss
-#: that does not take it is an error. train.loss_kwargs forwards them.
-LOSS_DECLARED_OPTIONS = ("margin", "scale", "delta", "label_smoothing")
-
 _CHOICES = {
     "bad_files": {"skip", "fail"},
-    "update": {"paper", "sgd"},
-    "covariance": {"identity", "diagonal"},
     "optimizer": {"sgd", "adamw", "adagrad"},
     "schedule": {"cosine", "step", "constant"},
     "amp": {"auto", "bf16", "fp16", "off"},
@@ -282,12 +299,7 @@ _RANGES = [  # (field, low, high), inclusive
     ("dishes_per_class", 1, 10**6),
     ("intra", 0.0, 1.0),
     ("inter", 0.0, 1.0),
-    ("lam", 0.0, float("inf")),
-    ("alpha", 0.0, float("inf")),
     ("center_lr", 0.0, float("inf")),
-    ("lam_island", 0.0, float("inf")),
-    ("alpha_warmup_epochs", 0, 10**6),
-    ("lam_warmup_epochs", 0, 10**6),
     ("lr", 0.0, float("inf")),
     ("weight_decay", 0.0, float("inf")),
     ("momentum", 0.0, 1.0),

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
-from foodlib.config import LOSS_DECLARED_OPTIONS, Config, ConfigError
+from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
                                  setup_distributed, wrap_ddp)
 from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
-from foodlib.losses import DiscriminativeLoss, create_loss
+from foodlib.losses import DiscriminativeLoss, create_loss, loss_options
 from foodlib.messages import logger
 from foodlib.models import EmbeddingNet, create_model
 from foodlib.runtime import autocast_dtype, describe_device_and_precision, loader_workers, resolve_device
@@ -94,10 +94,10 @@ def build_optimizers(cfg: Config, model: nn.Module, loss: DiscriminativeLoss):
         optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
     elif o.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=o.lr)
-    else:  # adagrad, as in the earlier attempt
+    else:  # adagrad, as in the user's earlier ResNet-18 study (README)
         optimizer = torch.optim.Adagrad(groups, lr=o.lr)
     center_params = list(loss.state_parameters())
-    center_optimizer = torch.optim.SGD(center_params, lr=cfg.loss.center_lr) if center_params else None
+    center_optimizer = torch.optim.SGD(center_params, lr=cfg.optim.center_lr) if center_params else None
     return optimizer, center_optimizer
 
 
@@ -116,12 +116,10 @@ def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
 
 
 def loss_kwargs(cfg: Config) -> dict[str, Any]:
-    """The loss settings of the config; None means "the loss's own default" and is left out."""
-    c = cfg.loss
-    kw = dict(lam=c.lam, alpha=c.alpha, update=c.update, covariance=c.covariance, lam_island=c.lam_island,
-              alpha_warmup_epochs=c.alpha_warmup_epochs, lam_warmup_epochs=c.lam_warmup_epochs)
-    kw.update({name: getattr(c, name) for name in LOSS_DECLARED_OPTIONS})  # validated by the loss itself
-    return {k: v for k, v in kw.items() if v is not None}
+    """The config's value of every option the loss's constructor takes; None ("the loss's own
+    default") is left out."""
+    return {name: getattr(cfg.loss, name) for name in loss_options(cfg.loss.loss)
+            if getattr(cfg.loss, name, None) is not None}
 
 
 def class_balance(cfg: Config, loss: DiscriminativeLoss) -> int:

@@ -1,5 +1,13 @@
 # ---
 # jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -52,7 +60,7 @@ from foodlib.data import index_dataset, resolve_data_root
 from foodlib.data.scan import scan_cached
 from foodlib.report import image_size_histogram, image_sizes, sample_grid
 
-cfg = Config.from_flat(**{k: globals()[k] for k in Config.field_index() if k in globals()})
+cfg = Config.from_namespace(globals())
 index = index_dataset(cfg)
 print(f"{index.root}: {index.summary()}")
 

@@ -17,7 +17,8 @@
 # %% [markdown]
 # # Experiment: one loss, one seed, one run folder
 #
-# Trains the network with one loss (`softmax`, `center`, `lgm` or `island`) on one dataset and
+# Trains the network with one loss (softmax, center, lgm, island, contrastive_center, cosface, arcface
+# or a `pml:` loss) on one dataset and
 # writes the run folder `out/`: `metrics.json`, `features.npz`, `trace.csv`, checkpoints and
 # `figures/` (training curves, UMAP of the test embeddings, confusion, per-class accuracy).
 # `foodlib suite` runs this notebook once per loss and seed; `compare.ipynb` then turns the run
@@ -40,7 +41,7 @@ backbone: str = "smallcnn"  # resnet18 | resnet34 | resnet50 | smallcnn | effici
 embedding_dim: Optional[int] = None  # D; None: the backbone's width; 2 for the papers' 2-D plots
 pretrained: Union[bool, str] = False  # False | True (installed / downloaded ImageNet weights) | a weights file
 trainable: str = "all"  # all | head (frozen trunk, cached features) | last:N (the trunk's last N stages too)
-loss: str = "softmax"  # softmax | center | lgm | island
+loss: str = "softmax"  # softmax | center | lgm | island | contrastive_center | cosface | arcface | pml:<Name>
 lam: Optional[float] = None  # weight of the center / likelihood term (None: the loss's default)
 alpha: Optional[float] = None  # center update rate (center, island) or L-GM margin (None: default)
 lam_island: Optional[float] = None  # island loss: weight of the center-separation term
@@ -50,7 +51,7 @@ epochs: int = 2  # passes over the training split
 batch_size: int = 16  # images per optimizer step
 seed: int = 0  # weights, shuffling and augmentation; same seed, same run
 device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-workers: int = 0  # threads gathering batches (0: in the main thread; fine for small sets)
+workers: int = 0  # loader processes (0: batches are gathered in this process; fine for small sets)
 out: str = "runs/experiment"  # the run folder; running into it again needs resume or a new out
 resume: bool = False  # continue the run in `out` from its last.pt
 quiet: bool = False  # no progress bars (batch runs)
@@ -72,9 +73,10 @@ import foodlib
 from foodlib import metrics as M
 from foodlib.config import Config
 from foodlib.features import load_features
-from foodlib.train import build_model_and_loss, resolve_device
+from foodlib.runtime import resolve_device
+from foodlib.train import build_model_and_loss
 
-cfg = Config.from_flat(**{k: globals()[k] for k in Config.field_index() if k in globals()})
+cfg = Config.from_namespace(globals())
 print(f"foodlib {foodlib.__version__} | python {sys.executable} | device {resolve_device(cfg.train.device)}")
 print(f"run folder: {Path(cfg.train.out).resolve()}")
 

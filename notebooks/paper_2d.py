@@ -1,5 +1,13 @@
 # ---
 # jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -28,13 +36,13 @@ data: str = "digits"  # digits | dishes | an ImageFolder root
 image_size: int = 32  # crop side, px
 backbone: str = "smallcnn"  # a small CNN is enough for 2-D embeddings of digits
 limit_per_class: Optional[int] = None  # at most this many train images per class (None: all)
-epochs: int = 3  # training epochs per panel (README figure: 20)
+epochs: int = 3  # training epochs per panel (README figure: 15)
 batch_size: int = 64  # images per step
 lr: float = 3e-3  # peak learning rate
 seed: int = 0  # weights, shuffling and augmentation
 augment: str = "none"  # none keeps digits upright and the clusters crisp | flip | standard
 device: str = "auto"  # auto | cpu | cuda
-workers: int = 0  # batch-gathering threads
+workers: int = 0  # loader processes (0: batches are gathered in this process)
 channels_last: bool = False  # NHWC memory layout: helps GPUs; NCHW trained 2-4x faster on a 2-core CPU
 quiet: bool = True  # no progress bars
 cache_dir: Optional[str] = None  # decoded-image cache (None: $FOODLIB_CACHE or ~/.cache/foodlib)
@@ -59,7 +67,7 @@ from foodlib import plots as P
 from foodlib.config import Config
 from foodlib.features import load_features
 
-base_cfg = Config.from_flat(**{k: globals()[k] for k in Config.field_index() if k in globals()}).with_overrides(
+base_cfg = Config.from_namespace(globals()).with_overrides(
     embedding_dim=2, figures=False)
 panels = [("softmax", "softmax", {"loss": "softmax"})]
 panels += [(f"center-lam{lam:g}", f"Center Loss, λ = {lam:g}", {"loss": "center", "lam": lam}) for lam in center_lams]

@@ -38,9 +38,9 @@ def test_bool_and_path_fields():
 
 @pytest.mark.parametrize("overrides, words", [
     (dict(optimizer="rmsprop"), ["optimizer", "rmsprop", "adamw"]),
-    (dict(lam=-1.0), ["lam", "-1.0"]),
+    (dict(loss="center", lam=-1.0), ["lam", "-1.0"]),
     (dict(embedding_dim=1), ["embedding_dim", "1", ">= 2"]),
-    (dict(loss="center", alpha=1.5), ["alpha", "1.5", "(0, 1]"]),
+    (dict(loss="center", alpha=1.5), ["alpha", "1.5", "(0.0, 1.0]"]),
     (dict(epochs="many"), ["epochs", "many"]),
     (dict(image_sise=64), ["image_sise", "image_size"]),
     (dict(amp="fp8"), ["amp", "fp8", "bf16"]),
@@ -54,3 +54,60 @@ def test_validation_errors_name_field_value_and_fix(overrides, words):
 
 def test_lgm_alpha_above_one_is_a_valid_margin():
     assert Config.from_flat(loss="lgm", alpha=1.5).loss.alpha == 1.5
+
+
+# ----- one source of truth for the loss options ------------------------------------------------------
+
+#: Constructor keywords kept for library use only (not config fields): the L-GM start and scale
+#: controls of issue 18, whose defaults are the documented behaviour.
+LIBRARY_ONLY_OPTIONS = {"lgm": {"alpha_start", "start", "start_penalty", "learn_scale"}}
+
+
+def test_loss_config_names_exactly_the_losses_constructor_keywords():
+    import dataclasses
+
+    from foodlib.config import LossConfig
+    from foodlib.losses import list_losses, loss_options
+
+    fields = {f.name for f in dataclasses.fields(LossConfig)} - {"loss"}
+    taken: set[str] = set()
+    for name in list_losses():
+        keywords = set(loss_options(name)) - LIBRARY_ONLY_OPTIONS.get(name, set())
+        missing = keywords - fields
+        assert not missing, f"loss {name!r} takes {sorted(missing)}: add them to LossConfig (None: the loss's default)"
+        taken |= keywords
+    assert fields <= taken, f"LossConfig fields no loss takes: {sorted(fields - taken)}"
+
+
+def test_loss_config_defaults_are_the_losses_own():
+    import dataclasses
+    import inspect
+
+    from foodlib.config import LossConfig
+    from foodlib.losses import _loss_class, list_losses, loss_options
+
+    for field in dataclasses.fields(LossConfig):
+        if field.name == "loss" or field.default is None:
+            continue
+        for name in list_losses():
+            if field.name in loss_options(name):
+                declared = inspect.signature(_loss_class(name).__init__).parameters[field.name].default
+                assert declared == field.default, (name, field.name)
+
+
+def test_a_loss_option_is_checked_by_the_loss_and_refused_for_a_loss_without_it():
+    with pytest.raises(ConfigError, match=r"loss='center'.*alpha"):
+        Config.from_flat(loss="center", alpha=1.5)  # the center update rate lies in (0, 1]: CenterLoss says so
+    with pytest.raises(ConfigError, match=r"loss='softmax'.*lam_island"):
+        Config.from_flat(loss="softmax", lam_island=2.0)
+    with pytest.raises(ConfigError, match=r"loss='lgm'.*covariance"):
+        Config.from_flat(loss="lgm", covariance="full")
+    assert Config.from_flat(loss="island", lam_island=2.0, update="sgd").loss.update == "sgd"
+
+
+def test_fit_passes_every_option_the_loss_takes():
+    from foodlib.train import loss_kwargs
+
+    cfg = Config.from_flat(loss="island", lam=0.02, lam_island=3.0)
+    assert loss_kwargs(cfg) == {"lam": 0.02, "lam_island": 3.0, "update": "paper", "lam_warmup_epochs": 0}
+    assert loss_kwargs(Config.from_flat(loss="cosface", margin=0.2)) == {"margin": 0.2}
