@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import foodlib
+from foodlib import metrics as M
 from foodlib.config import Config
 from foodlib.data.augment import CROP_FRACTION, cache_side, normalization
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image_array
@@ -52,7 +53,7 @@ from foodlib.train import load_run
 
 __all__ = [
     "ConfusedPair", "InferenceModule", "InferenceRun", "Neighbours", "Predictions", "collect_image_paths",
-    "confused_pairs", "embed", "export_model", "load_exported", "most_confused_pairs", "nearest_neighbours",
+    "confused_pairs", "embed", "export_model", "load_exported", "nearest_neighbours",
     "predict", "read_split_file", "trace_module", "trained_metric", "Enrollment", "enroll",
 ]
 
@@ -603,25 +604,6 @@ def _known_classes(run_dir: Path) -> dict[str, str]:
 
 # ----- most-confused class pairs ----------------------------------------------------------------
 
-def most_confused_pairs(labels: np.ndarray, predicted: np.ndarray, num_classes: int, n: int = 3
-                        ) -> list[tuple[int, int, int]]:
-    """The ``n`` most frequent mistakes as ``(true class, predicted class, count)``, most frequent first.
-
-    Ordered pairs: "a taken for b" and "b taken for a" are separate mistakes. Pairs that never
-    occur are left out, so fewer than ``n`` may come back; ties keep the lower (true, predicted).
-
-    >>> most_confused_pairs(np.array([0, 0, 0, 1, 2, 2]), np.array([1, 1, 0, 1, 0, 2]), num_classes=3)
-    [(0, 1, 2), (2, 0, 1)]
-    """
-    from sklearn.metrics import confusion_matrix
-
-    confusion = confusion_matrix(labels, predicted, labels=np.arange(num_classes))  # (C, C): rows true
-    np.fill_diagonal(confusion, 0)
-    flat = np.argsort(-confusion.ravel(), kind="stable")[:n]
-    pairs = [(int(i // num_classes), int(i % num_classes), int(confusion.flat[i])) for i in flat]
-    return [pair for pair in pairs if pair[2] > 0]
-
-
 @dataclass
 class ConfusedPair:
     """Images of class ``true_class`` that the run took for ``predicted_class``."""
@@ -646,7 +628,8 @@ def confused_pairs(run_dir: str | Path | InferenceRun, split: str = "test", n: i
     paths, feats = _split_features(run_dir_path, split, classes)
     predicted = feats["logits"].argmax(1)
     out = []
-    for true, pred, count in most_confused_pairs(feats["labels"], predicted, len(classes), n):
+    confusion = M.confusion_matrix(feats["labels"], predicted, len(classes))  # (C, C): rows true
+    for true, pred, count in M.most_frequent_mistakes(confusion, n):
         members = np.flatnonzero((feats["labels"] == true) & (predicted == pred))
         out.append(ConfusedPair(classes[true], classes[pred], count, [paths[i] for i in members]))
     return out

@@ -29,7 +29,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 __all__ = [
     "accuracy", "top1_accuracy", "topk_accuracy", "per_class_accuracy", "confusion_matrix",
-    "most_confused_pairs", "intra_class_variance", "class_mean_distances", "fisher_ratio", "silhouette",
+    "most_confused_pairs", "most_frequent_mistakes", "intra_class_variance", "class_mean_distances", "fisher_ratio", "silhouette",
     "knn_accuracy", "nmi", "bootstrap_ci", "paired_comparison", "mean_ci", "feature_metrics",
     "classification_metrics",
 ]
@@ -207,6 +207,25 @@ def most_confused_pairs(confusion, class_names: Sequence[str] | None = None, k: 
 
 
 # -- feature space -----------------------------------------------------------------------------------
+
+
+
+def most_frequent_mistakes(confusion, k: int = 3) -> list[tuple[int, int, int]]:
+    """The ``k`` most frequent mistakes as ``(true class, predicted class, count)``, most frequent first.
+
+    Unlike :func:`most_confused_pairs`, the direction counts: "a taken for b" and "b taken for a"
+    are separate mistakes (what ``foodlib.inference.confused_pairs`` shows images of). Mistakes
+    that never occur are left out; ties keep the lower (true, predicted).
+
+    >>> most_frequent_mistakes(confusion_matrix(np.array([0, 0, 0, 1, 2, 2]), np.array([1, 1, 0, 1, 0, 2]), 3))
+    [(0, 1, 2), (2, 0, 1)]
+    """
+    confusion = np.array(confusion)  # a copy: the diagonal is cleared
+    num_classes = confusion.shape[0]
+    np.fill_diagonal(confusion, 0)
+    flat = np.argsort(-confusion.ravel(), kind="stable")[:k]
+    mistakes = [(int(i // num_classes), int(i % num_classes), int(confusion.flat[i])) for i in flat]
+    return [m for m in mistakes if m[2] > 0]
 
 
 def intra_class_variance(emb, labels) -> float:

@@ -33,7 +33,7 @@ from foodlib.data.augment import eval_transform
 from foodlib.data.images import load_image_array
 from foodlib.features import load_features
 from foodlib.inference import (InferenceModule, InferenceRun, collect_image_paths, confused_pairs, embed,
-                               export_model, most_confused_pairs, nearest_neighbours, predict, read_split_file,
+                               export_model, nearest_neighbours, predict, read_split_file,
                                trace_module)
 from foodlib.losses import create_loss, list_losses
 from foodlib.models import create_model
@@ -260,12 +260,14 @@ def test_misaligned_split_file_is_refused(run_dir, tmp_path):
 
 # ----- most-confused pairs ----------------------------------------------------------------------
 
-def test_most_confused_pairs_by_hand():
+def test_most_frequent_mistakes_by_hand():
+    from foodlib.metrics import confusion_matrix, most_frequent_mistakes
+
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     predicted = np.array([1, 1, 2, 0, 1, 1, 1, 1, 2])
     # mistakes: 0->1 twice, 0->2 once, 1->0 once, 2->1 three times
-    assert most_confused_pairs(labels, predicted, num_classes=3, n=3) == [(2, 1, 3), (0, 1, 2), (0, 2, 1)]
-    assert most_confused_pairs(labels, labels, num_classes=3) == []
+    assert most_frequent_mistakes(confusion_matrix(labels, predicted, 3), k=3) == [(2, 1, 3), (0, 1, 2), (0, 2, 1)]
+    assert most_frequent_mistakes(confusion_matrix(labels, labels, 3)) == []
 
 
 def test_confused_pairs_of_the_run(run_dir, features):
