@@ -100,7 +100,7 @@ def _cache_args(parser):
 @command("cache", "list the decoded-image caches (size, last use, still current?); --prune removes stale ones",
          _cache_args)
 def run_cache(args) -> int:
-    from foodlib.data.caches import main_cache
+    from foodlib.data.cache import main_cache
 
     return main_cache(args.cache_dir, args.prune, args.older_than, args.dry_run)
 

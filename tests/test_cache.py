@@ -12,8 +12,9 @@ from PIL import Image
 
 import foodlib.data.cache as cache_module
 from foodlib.data.augment import eval_transform
-from foodlib.data.cache import BatchLoader, ImageSource, build_cache, cache_key
+from foodlib.data.cache import build_cache, cache_key
 from foodlib.data.images import load_image_array
+from foodlib.data.loader import BatchLoader, ImageSource
 
 
 def write_image(path, colour, size=(24, 16), fmt=None):

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foodlib.io import building_dir, cache_home, check_replaceable, swap_in
+from foodlib.io import building_dir, cache_folder, check_replaceable, swap_in
 from PIL import Image, ImageFilter
 
 #: bump when the rendering changes, so written datasets and caches keyed on the spec are rebuilt.
@@ -550,7 +550,7 @@ def default_dishes_root(spec: DishesSpec | None = None) -> Path:
     True
     """
     spec = spec or DishesSpec()
-    return cache_home() / f"dishes-{spec.digest()}"
+    return cache_folder() / f"dishes-{spec.digest()}"
 
 
 def read_marker(root: str | os.PathLike) -> dict | None:

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from foodlib.data.walk import walk_files
+from foodlib.io import cache_folder
 
 #: split folder names recognised under the root, in report order.
 SPLIT_NAMES = ("train", "val", "test")
@@ -496,10 +497,8 @@ def scan_cached(
 
     >>> report = scan_cached("data/food101-10", progress=False)  # doctest: +SKIP
     """
-    from foodlib.io import cache_home
-
     keyed = {k: v for k, v in scan_options.items() if k not in ("progress", "workers")}
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache_home() / "scans"
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_folder() / "scans"
     path = cache_dir / f"scan-{scan_key(root, **keyed)}.json"
     if path.is_file():
         try:
