@@ -91,7 +91,7 @@ def run_data_check(args) -> int:
 def _cache_args(parser):
     parser.add_argument("--cache-dir", default=None, help="default: $FOODLIB_CACHE or ~/.cache/foodlib")
     parser.add_argument("--prune", action="store_true",
-                        help="remove caches whose files changed or are gone, and unfinished builds")
+                        help="remove unfinished builds, and caches whose files changed or are gone once unused for an hour")
     parser.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                         help="also remove caches not used for DAYS days (implies --prune)")
     parser.add_argument("--dry-run", action="store_true", help="with --prune: only say what would be removed")
