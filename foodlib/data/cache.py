@@ -1,26 +1,19 @@
-"""The decoded-image cache: building it, its key, listing and pruning (`foodlib cache`).
+"""The decoded-image cache: its key, building it, listing and pruning (`foodlib cache`).
 
-JPEG decoding, not the model, bounds training speed on a CPU. Here every image is decoded and
-resized once into a uint8 memory-mapped array ``(N, S, S, 3)``, reused across epochs, runs and
-notebooks. The key covers the file list, each file's size, mtime and ctime, the stored side S and
-the decode version, so any change makes a new cache: a stale one is never reused. Reading batches
-from it is :mod:`foodlib.data.loader`'s job.
+Every image is decoded and resized once into a uint8 memory-mapped array ``(N, S, S, 3)``, reused
+across epochs, runs and notebooks (:mod:`foodlib.data.loader` reads batches from it). The key covers
+the file list, each file's size, mtime and ctime, the side S and the decode version: any change
+makes a new cache, a stale one is never reused. In ``<cache folder>/decoded/``, per cache:
+``<key>.u8`` (pixels; ``.u8.tmp`` while building), ``<key>.json`` (written last, so it marks a
+finished build; its mtime is the last use, set on every open and epoch), ``<key>.paths`` (the file
+list, to tell later whether it is current) and ``<key>.lock`` (a ``filelock`` held while building or
+opening: two processes never build one cache twice, prune never removes one mid-build).
 
-On disk, in ``<cache folder>/decoded/`` (:func:`foodlib.io.cache_folder`):
-
-- ``<key>.u8``: the pixels; ``<key>.u8.tmp`` while a build runs.
-- ``<key>.json``: side, count, unreadable files, source folder, block checksums. Written last, so it
-  marks a finished build; its mtime is the last use (set on every open and every epoch).
-- ``<key>.paths``: the file list, to tell later whether the cache is still current.
-- ``<key>.lock``: held (``filelock``) while the cache is built or opened, so two processes
-  (DDP ranks, parallel notebooks) never build one cache twice, and prune never removes one mid-build.
-
-Old caches pile up (30,000 photos at 224 px take about 6 GB each). :func:`prune_caches` removes
-unfinished builds (their lock is free), stale or corrupt caches not used in the last hour, and, with
-``older_than_days``, any cache unused that long. There are no per-process "in use" locks: a process
-that has a cache open keeps reading it after a prune on Linux and macOS (its memory map holds the data)
-and Windows refuses to delete a mapped file; the hour's grace, refreshed each epoch, covers loader
-workers that reopen the file by name (spawned workers: macOS and Windows).
+Prune rule (:func:`prunable`): unfinished builds whose lock is free; stale or corrupt caches unused
+for an hour; with ``older_than_days``, any cache unused that long. No "in use" locks: a process
+reading a cache keeps its data after a prune (a memory map outlives the file; Windows refuses to
+delete a mapped file), and the hour, refreshed each epoch, covers loader workers that reopen it by
+name (spawned workers: macOS, Windows).
 
 >>> images = build_cache(paths, side=73, cache_dir="~/.cache/foodlib")     # doctest: +SKIP
 >>> images.array.shape, images.errors                                        # doctest: +SKIP
@@ -41,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
@@ -51,7 +44,7 @@ from foodlib.messages import logger
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
 RECENT_USE_S = 3600  # a stale or corrupt cache used this recently is kept by prune (a process may still read it)
-SUFFIXES = (".u8", ".u8.tmp", ".json", ".paths", ".use", ".lock")  # ".use": in-use locks of foodlib before 0.x
+SUFFIXES = (".u8", ".u8.tmp", ".json", ".paths", ".use", ".lock")  # ".use": left by older foodlib versions
 
 
 def decoded_folder(cache_dir: str | Path | None = None) -> Path:
@@ -254,7 +247,8 @@ def _mention_other_caches(folder: Path, key: str, paths: Sequence[str]) -> None:
                 pass
     if others:
         logger.info(f"{len(others)} other decoded cache(s) of {root} take {format_size(sum(others))} in {folder}: "
-                    "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed")
+                    "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed "
+                    "once unused for an hour")
 
 
 # ----- listing and pruning (`foodlib cache`) --------------------------------------------------------

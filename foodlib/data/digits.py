@@ -58,7 +58,7 @@ def digits_arrays(image_size: int = 32, resample: str = "bilinear") -> tuple[np.
 
 
 def default_digits_root(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> Path:
-    """``<cache>/digits-<size>-<test %>-<seed>``; ``<cache>`` is ``$FOODLIB_CACHE`` or ``~/.cache/foodlib``.
+    """``<cache>/digits-<size>-<test %>-<seed>``, ``<cache>`` from :func:`foodlib.io.cache_folder`.
 
     >>> default_digits_root(32).name
     'digits-32px-test20-seed0'

@@ -544,7 +544,7 @@ def _sprinkle(rng, food, food_alpha, colour, second, count):
 def default_dishes_root(spec: DishesSpec | None = None) -> Path:
     """Where :func:`write_dishes` puts a spec by default: ``<cache>/dishes-<hash of spec>``.
 
-    ``<cache>`` is ``$FOODLIB_CACHE`` when set, else ``~/.cache/foodlib``.
+    ``<cache>``: :func:`foodlib.io.cache_folder` (``$FOODLIB_CACHE``, else ``~/.cache/foodlib``).
 
     >>> default_dishes_root(DishesSpec()).name.startswith("dishes-")
     True
