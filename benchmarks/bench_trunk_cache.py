@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from foodlib.data.augment import cache_side, eval_transform, normalization  # noqa: E402
-from foodlib.data.cache import ImageSource, build_cache  # noqa: E402
+from foodlib.data.cache import build_cache  # noqa: E402
+from foodlib.data.loader import ImageSource  # noqa: E402
 from foodlib.losses import create_loss  # noqa: E402
 from foodlib.models import create_model  # noqa: E402
 from foodlib.trainable import apply_trainable  # noqa: E402

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from foodlib.data.augment import cache_side, train_transform  # noqa: E402
-from foodlib.data.cache import BatchLoader, DecodedImages, ImageSource  # noqa: E402
+from foodlib.data.cache import DecodedImages  # noqa: E402
+from foodlib.data.loader import BatchLoader, ImageSource  # noqa: E402
 from foodlib.losses import create_loss  # noqa: E402
 from foodlib.models import create_model  # noqa: E402
 

@@ -90,14 +90,14 @@ def cmd_data_check(args) -> int:
 def _cache_args(parser):
     parser.add_argument("--cache-dir", default=None, help="default: $FOODLIB_CACHE or ~/.cache/foodlib")
     parser.add_argument("--prune", action="store_true",
-                        help="remove caches whose files changed or are gone, and unfinished builds")
+                        help="remove unfinished builds, and caches whose files changed or are gone once unused for an hour")
     parser.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                         help="also remove caches not used for DAYS days (implies --prune)")
     parser.add_argument("--dry-run", action="store_true", help="with --prune: only say what would be removed")
 
 
 def cmd_cache(args) -> int:
-    from foodlib.data.caches import main_cache  # lazy: torch (arguments are parsed before it loads)
+    from foodlib.data.cache import main_cache  # lazy: torch (arguments are parsed before it loads)
 
     return main_cache(args.cache_dir, args.prune, args.older_than, args.dry_run)
 

@@ -32,7 +32,7 @@ class DataConfig:
     split_seed: int = 0  # seed of that split; independent of the training seed
     limit_per_class: int | None = None  # use at most this many train images per class (quick runs)
     cache: bool = True  # decode + resize each image once into a memory-mapped uint8 cache
-    cache_dir: str | None = None  # default: $FOODLIB_CACHE or ~/.cache/foodlib
+    cache_dir: str | None = None  # None: cache_folder(): $FOODLIB_CACHE, else ~/.cache/foodlib
     bad_files: str = "skip"  # skip (and list in the run folder) | fail
     trunk_cache: bool = True  # trainable=head: compute the frozen trunk's features once, reuse them in every run
     trunk_views: int = 8  # trunk cache: augmented views per training image (each epoch picks one per image)

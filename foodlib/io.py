@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock, Timeout
+
 # mkstemp creates files readable by their owner only; finished files get the usual permissions.
 # The umask can only be read by setting it, so that happens once, at import.
 _UMASK = os.umask(0o022)
@@ -27,8 +29,16 @@ _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ".last.pt.k3j9_x0q.tmp": mkstemp's 8 random characters
 
 
-def cache_home() -> Path:
-    """Where generated datasets, decoded images and scans are kept: ``$FOODLIB_CACHE``, else ``~/.cache/foodlib``."""
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where generated datasets, decoded images, trunk features and scans are kept.
+
+    ``cache_dir`` when given (``cfg.data.cache_dir``, ``--cache-dir``), else ``$FOODLIB_CACHE``, else
+    ``~/.cache/foodlib``. The one place that decides it: every cache in foodlib asks here.
+
+    >>> cache_folder("~/big-disk/foodlib") / "decoded"   # doctest: +SKIP
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
     env = os.environ.get("FOODLIB_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "foodlib"
 
@@ -230,40 +240,6 @@ class FolderBusyError(RuntimeError):
     """Another process is writing into the folder (a second training or suite aimed at the same place)."""
 
 
-def lock_file(path: str | Path, mode: int):
-    """``path`` opened (created if needed) and ``flock``-ed with ``mode``; returns the open handle.
-
-    If the holder before us removed the file between our open and our lock, we would hold a lock on
-    a deleted file that nobody else sees: then the new file is opened and locked instead. Raises
-    ``BlockingIOError`` when ``mode`` includes ``LOCK_NB`` and another holder has it. POSIX only
-    (``fcntl``), imported here so that the rest of this module works everywhere.
-    """
-    import fcntl
-
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, mode)
-        except BaseException:
-            handle.close()
-            raise
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        except FileNotFoundError:
-            pass
-        handle.close()
-
-
-def unlock_file(handle) -> None:
-    import fcntl
-
-    try:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    finally:
-        handle.close()
-
-
 def read_text_or_none(path: str | Path) -> str | None:
     try:
         return Path(path).read_text()
@@ -275,36 +251,37 @@ def read_text_or_none(path: str | Path) -> str | None:
 def folder_lock(folder: str | Path, what: str):
     """Hold ``folder``'s write lock while the block runs; fail at once, naming the holder, if it is taken.
 
-    An advisory ``flock`` on ``folder/.foodlib.lock`` (released by the OS if the process dies, so a
+    A ``filelock`` lock on ``folder/.foodlib.lock`` (an OS lock: released if the process dies, so a
     killed run never leaves the folder locked). The file says who holds it and is removed on release.
-    On a file system without ``flock`` (some cluster mounts) it warns and runs unguarded.
+    On a file system without locks (some cluster mounts) it warns and runs unguarded.
 
     >>> with folder_lock("runs/try", "a training run"):   # doctest: +SKIP
     ...     train()
     """
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
+    before = read_text_or_none(path)  # older filelock 3.x releases empty it on every attempt, even a failed one
+    lock = FileLock(str(path), timeout=0)
     try:
-        handle = lock_file(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = (read_text_or_none(path) or "").strip() or "another process"
+        lock.acquire()
+    except Timeout:  # before OSError: Timeout is a TimeoutError, an OSError
+        holder = (read_text_or_none(path) or before or "").strip() or "another process"
         raise FolderBusyError(f"{folder} is in use by {holder}; wait for it to finish, or choose another folder") from None
     except OSError as error:  # ENOLCK / EOPNOTSUPP: no locks on this file system
         warnings.warn(f"cannot lock {folder} ({error}); nothing stops a second process writing into it", stacklevel=3)
-        path.unlink(missing_ok=True)
         yield
         return
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
+        try:  # the lock is on the file, not its bytes: the holder may write its name into it
+            path.write_text(f"{what} (pid {os.getpid()} on {socket.gethostname()}, "
+                            f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        except OSError:  # Windows locks the bytes too: the holder stays unnamed there
+            pass
         yield
     finally:
         try:
-            path.unlink(missing_ok=True)  # still holding the lock: lock_file() in a waiter re-checks the inode
-        finally:
-            unlock_file(handle)
+            path.unlink(missing_ok=True)  # still holding it; a process that then locks the unlinked file sees it busy
+        except OSError:  # Windows: filelock removes it on release
+            pass
+        lock.release()

@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 
 from foodlib.data import Data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
-from foodlib.data.cache import BatchLoader, ImageSource, _locked, cache_key, default_cache_dir
-from foodlib.io import atomic_write_json
+from foodlib.data.cache import build_lock, cache_key
+from foodlib.data.loader import BatchLoader, ImageSource
+from foodlib.io import atomic_write_json, cache_folder
 
 TRUNK_CACHE_VERSION = 1  # bump when the view drawing or the stored layout changes
 VIEW_SEED = 20_240_601  # augmented views are drawn from this seed, not the run's: every seed shares them
@@ -169,9 +170,9 @@ def trunk_features(trunk: nn.Module, source: ImageSource, image_size: int, norm:
     views = 1 if augment is None else views
     weights = weights or weights_digest(trunk)
     key = trunk_key(source, weights, image_size, norm["mean"], norm["std"], augment, views, amp_dtype)
-    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "trunk"
+    folder = cache_folder(cache_dir) / "trunk"
     data_file, meta_file = folder / f"{key}.f16", folder / f"{key}.json"
-    with _locked(folder / f"{key}.lock"):
+    with build_lock(folder / f"{key}.lock"):
         if meta_file.is_file() and data_file.is_file():
             try:
                 return _open_checked(data_file, meta_file)

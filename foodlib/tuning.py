@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from filelock import FileLock
 
 from foodlib.config import Config, ConfigError
 from foodlib.io import atomic_write_text
@@ -326,20 +327,12 @@ def open_storage(url: str | None, tune_dir: Path):
 @contextlib.contextmanager
 def _setup_lock(folder: Path | None):
     """Serialise creating the default SQLite database and its studies (concurrent table creation fails)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; start workers a few seconds apart
-        fcntl = None
-    if folder is None or fcntl is None:
+    if folder is None:
         yield
         return
-    from foodlib.io import lock_file, unlock_file
-
-    handle = lock_file(folder / ".study.lock", fcntl.LOCK_EX)
-    try:
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".study.lock")):
         yield
-    finally:
-        unlock_file(handle)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,9 +1,13 @@
-"""The decoded-image cache (foodlib.data.cache): reuse, staleness, identical pixels, batch loading."""
+"""The decoded-image cache (foodlib.data.cache): reuse, staleness, identical pixels; and batch loading from it
+(foodlib.data.loader)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +16,9 @@ from PIL import Image
 
 import foodlib.data.cache as cache_module
 from foodlib.data.augment import eval_transform
-from foodlib.data.cache import BatchLoader, ImageSource, build_cache, cache_key
+from foodlib.data.cache import build_cache, cache_key
 from foodlib.data.images import load_image_array
+from foodlib.data.loader import BatchLoader, ImageSource
 
 
 def write_image(path, colour, size=(24, 16), fmt=None):
@@ -148,6 +153,32 @@ def test_parallel_build_equals_a_serial_one(photos, tmp_path):
     parallel = build_cache(photos, side=8, cache_dir=tmp_path / "two", workers=3, progress=False)
     assert np.array_equal(np.asarray(serial.array), np.asarray(parallel.array))
 
+
+
+BUILD_SLOWLY = """
+import sys, time
+import foodlib.data.cache as cache
+real = cache._decode_into
+
+def slow(*args, **kwargs):  # a build long enough for the two processes to overlap
+    with open(sys.argv[2], "a") as log:
+        log.write("decoded\\n")
+    time.sleep(1.5)
+    return real(*args, **kwargs)
+
+cache._decode_into = slow
+print(cache.build_cache(sys.argv[3:], 8, sys.argv[1], progress=False).file, flush=True)
+"""
+
+
+def test_two_processes_building_one_cache_decode_it_once(photos, tmp_path):
+    log = tmp_path / "decodes.log"
+    args = [sys.executable, "-c", BUILD_SLOWLY, str(tmp_path / "cache"), str(log), *photos]
+    repo = Path(__file__).resolve().parents[1]
+    children = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=repo) for _ in range(2)]
+    files = [child.communicate(timeout=120)[0].strip() for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert files[0] == files[1] and log.read_text() == "decoded\n"  # the second waited, then reused it
 
 # ----- cached and uncached pipelines see the same pixels ----------------------------------------
 

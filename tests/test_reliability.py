@@ -171,6 +171,44 @@ def test_atomic_writes_and_configs_work_where_there_is_no_fcntl(tmp_path):
     assert done.stdout.strip() == str(Config().train.epochs)
 
 
+IMPORT_ALL = """
+import importlib, pkgutil, sys
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+import foodlib
+names = [m.name for m in pkgutil.walk_packages(foodlib.__path__, "foodlib.")]
+failed = []
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        failed.append(f"{name}: {error!r}")
+print(len(names), *failed, sep="\\n")
+"""
+
+
+def test_every_foodlib_module_imports_where_there_is_no_fcntl():
+    """Windows and macOS need no POSIX-only module at import time: locks go through filelock."""
+    done = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    count, *failed = done.stdout.strip().splitlines()
+    assert int(count) > 30 and failed == []
+
+
+def test_no_foodlib_module_imports_fcntl():
+    """Locking is filelock's job (it picks flock, msvcrt or a soft lock per platform); none is hand-written."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "foodlib"
+    users = []
+    for file in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            users += [f"{file.relative_to(root.parent)}:{node.lineno}" for n in names if n.split(".")[0] == "fcntl"]
+    assert users == []
+
+
 def test_fit_refuses_a_run_folder_another_process_is_writing(tmp_path, capsys):
     cfg = tiny_config(tmp_path, epochs=1)
     with folder_lock(cfg.train.out, "another training run"):

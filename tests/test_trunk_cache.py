@@ -9,7 +9,8 @@ from PIL import Image
 
 import foodlib.trunk_cache as tc
 from foodlib.data.augment import normalization
-from foodlib.data.cache import ImageSource, build_cache
+from foodlib.data.cache import build_cache
+from foodlib.data.loader import ImageSource
 from foodlib.losses import create_loss
 from foodlib.models import create_model
 from foodlib.trainable import apply_trainable

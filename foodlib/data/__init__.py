@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from foodlib.data.augment import cache_side
-from foodlib.data.cache import BatchLoader, DecodedImages, ImageSource, build_cache, default_cache_dir
+from foodlib.data.cache import DecodedImages, build_cache
 from foodlib.data.folders import ClassMismatchError, DatasetIndex, Split, carve_val, index_image_folder, limit_per_class
 from foodlib.data.food101 import index_food101, is_food101_root
+from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.data.novel import NOVEL_SPLIT, hold_out_classes
+from foodlib.io import cache_folder
 
 __all__ = [
     "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource",
@@ -62,7 +64,7 @@ class Data:
 
 def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
     """Turn a data spec into (kind, root). Embedded datasets are generated on first use (offline)."""
-    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg is not None and cfg.data.cache_dir else default_cache_dir()
+    cache_dir = cache_folder(cfg.data.cache_dir if cfg is not None else None)
     if spec == "dishes":
         from foodlib.data.dishes import DishesSpec, write_dishes
 
@@ -186,8 +188,7 @@ def _decode_check(paths: list[str], cfg, progress: bool) -> dict[str, str]:
 
     kind, root = resolve_data_root(cfg.data.data, cfg)
     scan_root = root / "images" if kind == "food101" else root  # Food-101 keeps its images in images/<class>/
-    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-    report = scan_cached(scan_root, cache_dir / "scans", progress=progress)
+    report = scan_cached(scan_root, cache_folder(cfg.data.cache_dir) / "scans", progress=progress)
     wanted = set(paths)
     return {p: why for p, why in _report_errors(report).items() if p in wanted}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from foodlib.data.cache import BatchLoader
+from foodlib.data.loader import BatchLoader
 
 #: salt of the balanced loader's random stream, so it differs from the plain loader's for the same (seed, epoch)
 _STREAM = 0xBA1A
@@ -39,11 +39,11 @@ class BalancedBatchLoader(BatchLoader):
     still sees ``m`` images of each of its classes (a pair loss finds its positives locally).
 
     Args:
-        source: the split's :class:`~foodlib.data.cache.ImageSource`.
+        source: the split's :class:`~foodlib.data.loader.ImageSource`.
         labels: class index of each image ``(n,)``.
         batch_size: the global batch size; a multiple of ``samples_per_class * world_size``.
         samples_per_class: ``m``, at least 2 for pairs to exist.
-        seed, workers, pin_memory, rank, world_size: as for :class:`~foodlib.data.cache.BatchLoader`.
+        seed, workers, pin_memory, rank, world_size: as for :class:`~foodlib.data.loader.BatchLoader`.
 
     Raises:
         ValueError: a batch size that does not split into blocks of ``m`` per rank, or ``m < 2``.

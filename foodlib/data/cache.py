@@ -1,42 +1,61 @@
-"""Decoded-image cache and the batch loader that reads it.
+"""The decoded-image cache: its key, building it, listing and pruning (`foodlib cache`).
 
-JPEG decoding is what bound the user's earlier ResNet-18 study (README: about 230 images/s on a GPU). Here every image is
-decoded and resized once into a uint8 memory-mapped array ``(N, S, S, 3)``, reused across epochs,
-runs and notebooks. The cache is keyed by the file list, each file's size, mtime and ctime, the
-stored side S and the decode version, so any change rebuilds it: a stale cache is never reused.
+Every image is decoded and resized once into a uint8 memory-mapped array ``(N, S, S, 3)``, reused
+across epochs, runs and notebooks (:mod:`foodlib.data.loader` reads batches from it). The key covers
+the file list, each file's size, mtime and ctime, the side S and the decode version: any change
+makes a new cache, a stale one is never reused. In ``<cache folder>/decoded/``, per cache:
+``<key>.u8`` (pixels; ``.u8.tmp`` while building), ``<key>.json`` (written last, so it marks a
+finished build; its mtime is the last use, set on every open and epoch), ``<key>.paths`` (the file
+list, to tell later whether it is current) and ``<key>.lock`` (a ``filelock`` held while building or
+opening: two processes never build one cache twice, prune never removes one mid-build).
+
+Prune rule (:func:`prunable`): unfinished builds whose lock is free; stale or corrupt caches unused
+for an hour; with ``older_than_days``, any cache unused that long. No "in use" locks: a process
+reading a cache keeps its data after a prune (a memory map outlives the file; Windows refuses to
+delete a mapped file), and the hour, refreshed each epoch, covers loader workers that reopen it by
+name (spawned workers: macOS, Windows).
 
 >>> images = build_cache(paths, side=73, cache_dir="~/.cache/foodlib")     # doctest: +SKIP
 >>> images.array.shape, images.errors                                        # doctest: +SKIP
 ((5000, 73, 73, 3), {})
+>>> for entry in list_caches(): print(entry.key, entry.state, entry.size_bytes)   # doctest: +SKIP
+>>> removed = prune_caches(older_than_days=30)                                     # doctest: +SKIP
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
+from filelock import FileLock
 
-from foodlib.io import (atomic_write_json, atomic_write_text, cache_home, check_free_space, lock_file, no_space_error,
-                        read_json_or_none, unlock_file)
-from foodlib.messages import logger
 from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
+from foodlib.io import (atomic_write_json, atomic_write_text, cache_folder, check_free_space, no_space_error,
+                        read_json_or_none)
+from foodlib.messages import logger
 
 CACHE_VERSION = 1  # bump when the decode / resize path changes
+RECENT_USE_S = 3600  # a stale or corrupt cache used this recently is kept by prune (a process may still read it)
+SUFFIXES = (".u8", ".u8.tmp", ".json", ".paths", ".use", ".lock")  # ".use": left by older foodlib versions
 
 
-def default_cache_dir() -> Path:
-    return cache_home()
+def decoded_folder(cache_dir: str | Path | None = None) -> Path:
+    """``<cache folder>/decoded``, where the decoded caches live."""
+    return cache_folder(cache_dir) / "decoded"
+
+
+def build_lock(lock_path: Path) -> FileLock:
+    """The exclusive lock a cache is built (or opened) under; ``with build_lock(path):`` waits for it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock_path))
 
 
 def cache_key(paths: Sequence[str], side: int) -> str:
@@ -71,46 +90,6 @@ class DecodedImages:
         return {p: i for i, p in enumerate(self.paths)}
 
 
-@contextmanager
-def _locked(lock_path: Path):
-    """An exclusive file lock, so two processes (DDP ranks, parallel notebooks) never build one cache twice."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = lock_file(lock_path, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        unlock_file(handle)
-
-
-_IN_USE: dict[str, object] = {}  # "<folder>/<key>" -> open handle holding a shared lock on <key>.use
-
-
-def _mark_in_use(folder: Path, key: str) -> None:
-    """Keep a shared lock on ``key.use`` until this process exits: prune_caches() skips caches in use.
-
-    Held for the life of the process (a notebook kernel keeps its data until restarted), shared by
-    forked loader workers; the OS drops it when the process ends, killed or not. Taken again if the
-    file was removed meanwhile (a deleted cache folder rebuilt in the same kernel).
-    """
-    name, path = str(folder / key), folder / f"{key}.use"
-    held = _IN_USE.get(name)
-    if held is not None:
-        try:
-            if os.fstat(held.fileno()).st_ino == os.stat(path).st_ino:
-                return
-        except FileNotFoundError:
-            pass
-        unlock_file(_IN_USE.pop(name))
-    try:
-        _IN_USE[name] = lock_file(path, fcntl.LOCK_SH)
-    except OSError:  # a read-only cache folder: nobody can prune it either
-        pass
-
-
-def held_in_this_process(folder: Path, key: str) -> bool:
-    return str(folder / key) in _IN_USE
-
-
 def build_cache(
     paths: Sequence[str],
     side: int,
@@ -125,13 +104,12 @@ def build_cache(
     (PIL releases the GIL while decoding and resizing).
     """
     paths = list(paths)
-    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folder = folder / "decoded"
+    folder = decoded_folder(cache_dir)
     key = cache_key(paths, side)
     data_file, meta_file = folder / f"{key}.u8", folder / f"{key}.json"
     shape = (len(paths), side, side, 3)
 
-    with _locked(folder / f"{key}.lock"):
+    with build_lock(folder / f"{key}.lock"):
         reusable = meta_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape))
         if reusable:
             meta = read_json_or_none(meta_file)
@@ -140,12 +118,8 @@ def build_cache(
                 warnings.warn(f"decoded cache {data_file} {problem}; rebuilding it", stacklevel=2)
                 reusable = False
         if reusable:
-            try:
-                os.utime(meta_file)  # "last used", for `foodlib cache` and prune_caches(older_than_days=...)
-            except OSError:
-                pass
+            mark_used(data_file)
             array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
-            _mark_in_use(folder, key)
             return DecodedImages(paths, array, meta.get("errors", {}), str(data_file))
         if progress:
             _mention_other_caches(folder, key, paths)
@@ -161,8 +135,15 @@ def build_cache(
                                       "blocks": blocks})
         _VERIFIED.add(_identity(data_file))
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
-        _mark_in_use(folder, key)
         return DecodedImages(paths, array, errors, str(data_file))
+
+
+def mark_used(data_file: str | Path) -> None:
+    """Set the cache's last use (its ``.json`` mtime) to now: listed by `foodlib cache`, read by prune."""
+    try:
+        os.utime(Path(data_file).with_suffix(".json"))
+    except OSError:  # removed meanwhile, or a read-only cache folder
+        pass
 
 
 _VERIFIED: set[tuple] = set()  # caches whose checksums this process has compared (first use only)
@@ -266,143 +247,211 @@ def _mention_other_caches(folder: Path, key: str, paths: Sequence[str]) -> None:
                 pass
     if others:
         logger.info(f"{len(others)} other decoded cache(s) of {root} take {format_size(sum(others))} in {folder}: "
-                    "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed")
+                    "`foodlib cache` lists them, `foodlib cache --prune` removes those whose files changed "
+                    "once unused for an hour")
 
 
-class ImageSource:
-    """Gives uint8 batches ``(B, S, S, 3)`` for row indices: from the cache, or decoded on the fly."""
+# ----- listing and pruning (`foodlib cache`) --------------------------------------------------------
 
-    def __init__(self, paths: Sequence[str], side: int, cached: DecodedImages | None = None, rows=None):
-        self.paths = list(paths)
-        self.side = side
-        self._file = cached.file if cached is not None else None
-        self._shape = cached.array.shape if cached is not None else None
-        self._rows = np.asarray(rows if rows is not None else np.arange(len(self.paths)), dtype=np.int64)
-        self._array = cached.array if cached is not None else None
+@dataclass
+class CacheEntry:
+    """One decoded cache.
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getstate__(self):  # workers reopen the memmap instead of pickling gigabytes
-        state = dict(self.__dict__)
-        state["_array"] = None
-        return state
-
-    #: where files that became unreadable during the run are appended (path<TAB>reason), if set
-    skip_log: str | None = None
-
-    def get_batch(self, indices: np.ndarray) -> np.ndarray:
-        if self._shape is None:  # uncached: the same decode path the cache uses
-            return np.stack([load_image_array(self.paths[i], self.side) for i in indices])
-        if self._array is None:
-            self._array = np.memmap(self._file, dtype=np.uint8, mode="r", shape=self._shape)
-        return self._array[self._rows[np.asarray(indices)]]  # (B, S, S, 3), a copy
-
-    def get_batch_skipping(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(images (B', S, S, 3), kept positions (B',))``: without the cache, a file deleted or damaged
-        since the run started is skipped with a warning (and listed in ``skip_log``), not fatal."""
-        if self._shape is not None:
-            return self.get_batch(indices), np.arange(len(indices))
-        images, kept = [], []
-        for position, i in enumerate(indices):
-            try:
-                images.append(load_image_array(self.paths[i], self.side))
-                kept.append(position)
-            except (OSError, ImageDecodeError) as error:  # deleted, unreadable, or rewritten badly mid-run
-                reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error.strerror or error}" \
-                    if isinstance(error, OSError) else str(error)
-                self._record_skip(self.paths[i], reason)
-        empty = np.zeros((0, self.side, self.side, 3), np.uint8)
-        return (np.stack(images) if images else empty), np.asarray(kept, dtype=np.int64)
-
-    def _record_skip(self, path: str, reason: str) -> None:
-        warnings.warn(f"{path}: {reason}; skipped (it changed or vanished since the run started)", stacklevel=3)
-        if self.skip_log:
-            with open(self.skip_log, "a") as log:  # one short line per append: whole lines, even from workers
-                log.write(f"{path}\tduring training: {reason}\n")
-
-
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, source: ImageSource, labels: np.ndarray):
-        self.source, self.labels = source, labels
-
-    def __getitem__(self, indices):
-        array, kept = self.source.get_batch_skipping(indices)
-        images = torch.from_numpy(np.ascontiguousarray(array))
-        return images, torch.from_numpy(self.labels[indices][kept])
-
-    def __len__(self):
-        return len(self.labels)
-
-
-class BatchLoader:
-    """Batches of (uint8 images ``(B, S, S, 3)``, labels ``(B,)``) in a reproducible order.
-
-    Shuffling depends only on (seed, epoch): resuming at an epoch boundary replays the same
-    batches. With ``world_size > 1`` every rank takes its slice ``[rank::world_size]`` of each
-    global batch, so K processes see exactly the global batches one process would.
-
-    Args:
-        batch_size: the global batch size.
-        drop_last: drop the final incomplete batch (training), keep it (evaluation).
-        workers: worker processes gathering batches (0: in the main process).
+    ``state``: ``current`` (matches its files), ``stale`` (files changed or some gone), ``unknown`` (cannot
+    be checked: no file list, relative paths, or none of its files reachable), ``incomplete`` (a build
+    that did not finish, or one running now), ``corrupt`` (its bytes differ from the block checksums of
+    its build, or its metadata is unreadable). ``building``: a process holds its lock now (building it,
+    or opening it for a moment). ``last_used``: the ``.json`` file's mtime, None without one.
     """
 
-    def __init__(
-        self,
-        source: ImageSource,
-        labels: np.ndarray,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        drop_last: bool = False,
-        workers: int = 0,
-        pin_memory: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.source, self.labels = source, np.asarray(labels, dtype=np.int64)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self._loader = torch.utils.data.DataLoader(
-            _Batches(source, self.labels), sampler=_EpochBatches(self), batch_size=None,
-            num_workers=workers, pin_memory=pin_memory,
-            # not persistent: a live iterator copied into a later loader's forked workers breaks their shutdown
-            persistent_workers=False,
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[np.ndarray]:
-        """This rank's index arrays for the current epoch."""
-        n = len(self.labels)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        stop = n - n % self.batch_size if self.drop_last else n
-        out = []
-        for start in range(0, stop, self.batch_size):
-            part = order[start : start + self.batch_size][self.rank :: self.world_size]
-            if len(part):
-                out.append(part)
-        return out
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self._loader)
+    key: str
+    folder: Path
+    state: str
+    detail: str
+    size_bytes: int
+    images: int | None = None
+    side: int | None = None
+    root: str | None = None
+    built: str | None = None
+    last_used: float | None = None
+    building: bool = False
 
 
-class _EpochBatches(torch.utils.data.Sampler):
-    def __init__(self, loader: BatchLoader):
-        self.loader = loader
+def list_caches(cache_dir: str | Path | None = None) -> list[CacheEntry]:
+    """Every decoded cache under ``cache_dir`` (default: :func:`foodlib.io.cache_folder`), newest use first.
 
-    def __iter__(self):
-        return iter(self.loader.batches())
+    Checking whether a cache is current stats every file it was built from (a fraction of a second
+    for 30,000 photos). Caches removed while this runs are left out.
+    """
+    folder = decoded_folder(cache_dir)
+    if not folder.is_dir():
+        return []
+    keys = sorted({p.name.split(".")[0] for p in folder.iterdir() if p.name.endswith((".u8", ".u8.tmp", ".json"))})
+    entries = []
+    for key in keys:
+        try:
+            entries.append(_entry(folder, key))
+        except FileNotFoundError:  # a concurrent prune took it
+            pass
+    return sorted(entries, key=lambda e: -(e.last_used or 0))
 
-    def __len__(self):
-        return len(self.loader.batches())
+
+def _last_used(meta_file: Path) -> float | None:
+    try:
+        return meta_file.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _entry(folder: Path, key: str) -> CacheEntry:
+    data_file, meta_file = folder / f"{key}.u8", folder / f"{key}.json"
+    size = sum(p.stat().st_size for p in (data_file, folder / f"{key}.u8.tmp") if p.exists())
+    meta, last_used = read_json_or_none(meta_file), _last_used(meta_file)
+    building = _building(folder / f"{key}.lock")
+    if data_file.is_file() and meta_file.is_file() and not isinstance(meta, dict):
+        return CacheEntry(key, folder, "corrupt", f"{meta_file.name} is not readable JSON; it will be rebuilt", size,
+                          last_used=last_used, building=building)
+    if not data_file.is_file() or not isinstance(meta, dict):
+        detail = "a build that did not finish" + (" (building now)" if building else "")
+        return CacheEntry(key, folder, "incomplete", detail, size, last_used=last_used, building=building)
+    state, detail = _state(folder, key, meta)
+    return CacheEntry(key, folder, state, detail, size, meta.get("n"), meta.get("side"), meta.get("root"),
+                      meta.get("built"), last_used, building)
+
+
+def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
+    paths_file = folder / f"{key}.paths"
+    if not paths_file.is_file():
+        return "unknown", "built by an older foodlib (no file list kept)"
+    paths = paths_file.read_text().splitlines()
+    if not all(os.path.isabs(p) for p in paths):
+        return "unknown", "built from relative paths: cannot be checked from here"
+    gone = sum(not os.path.exists(p) for p in paths)
+    if gone == len(paths):  # more likely an unmounted drive or a moved folder than deleted data
+        return "unknown", f"none of its {len(paths):,} files is there (moved, deleted or not mounted?)"
+    if gone:
+        return "stale", f"{gone:,} of {len(paths):,} files are gone"
+    if cache_key(paths, int(meta["side"])) != key:
+        return "stale", "files changed since the build (or another foodlib decode version)"
+    try:
+        bad = first_bad_block(folder / f"{key}.u8", meta.get("blocks"))
+    except ValueError:
+        return "current", "matches the files (built without checksums: its bytes cannot be verified)"
+    if bad is not None:
+        return "corrupt", f"block {bad + 1} differs from its checksum: its bytes were damaged; it will be rebuilt"
+    return "current", "matches the files and its checksums"
+
+
+def _building(lock_path: Path) -> bool:
+    """Whether another process (or another lock in this one) holds ``lock_path`` now; creates no file."""
+    if not lock_path.exists():
+        return False
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except OSError:  # Timeout: held; anything else (unwritable folder): cannot tell, so say held
+        return True
+    lock.release()
+    return False
+
+
+def prunable(entry: CacheEntry, older_than_days: float | None = None, now: float | None = None) -> bool:
+    """The prune rule: an unfinished build nobody is running; a stale or corrupt cache not used for
+    :data:`RECENT_USE_S`; with ``older_than_days``, any cache not used for that long."""
+    now = time.time() if now is None else now
+    if entry.building:
+        return False
+    unused_for = now - entry.last_used if entry.last_used is not None else float("inf")
+    if entry.state == "incomplete":
+        return True
+    if entry.state in ("stale", "corrupt") and unused_for > RECENT_USE_S:
+        return True
+    return older_than_days is not None and unused_for > older_than_days * 86400
+
+
+def prune_caches(cache_dir: str | Path | None = None, older_than_days: float | None = None,
+                 dry_run: bool = False) -> list[CacheEntry]:
+    """Remove the caches :func:`prunable` chooses; also sweep lock and list files left without a cache.
+
+    Current caches, and caches whose files cannot be checked (state ``unknown``), stay unless
+    ``older_than_days`` is given. Each cache is removed under its build lock, after checking nobody
+    opened or finished it since it was listed. Returns what was removed (or would be, with ``dry_run``).
+    """
+    now = time.time()
+    chosen = []
+    for entry in list_caches(cache_dir):
+        if not prunable(entry, older_than_days, now):
+            continue
+        if not dry_run and not _remove(entry.folder, entry.key, entry.last_used):
+            continue  # opened, finished or locked since the listing, or cannot be removed
+        chosen.append(entry)
+    if not dry_run:
+        _sweep_leftovers(decoded_folder(cache_dir))
+    return chosen
+
+
+def _remove(folder: Path, key: str, last_used: float | None) -> bool:
+    """Delete a cache's files under its build lock, if its last use is still ``last_used`` (nobody opened it)."""
+    lock_path = folder / f"{key}.lock"
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except OSError:  # Timeout: being built or opened now; PermissionError: not ours to remove
+        return False
+    try:
+        if _last_used(folder / f"{key}.json") != last_used:
+            return False
+        for path in [folder / f"{key}{suffix}" for suffix in SUFFIXES if suffix != ".lock"]:
+            path.unlink(missing_ok=True)
+        for path in folder.glob(f".{key}.*.tmp"):  # an atomic write cut short
+            path.unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)  # last, still holding it: a waiter that then gets it sees an unlinked file
+        return True
+    except OSError:  # not ours to remove, or mapped by a process on Windows
+        return False
+    finally:
+        lock.release()
+
+
+def _sweep_leftovers(folder: Path) -> None:
+    """Lock files, file lists and half-written metadata whose cache is gone (a killed build, a hand deletion)."""
+    if not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir()]
+    live = {n.split(".")[0] for n in names if n.endswith((".u8", ".u8.tmp", ".json")) and not n.startswith(".")}
+    for key in sorted({n.lstrip(".").split(".")[0] for n in names} - live):
+        _remove(folder, key, None)
+
+
+def main_cache(cache_dir: str | None, prune: bool, older_than_days: float | None, dry_run: bool) -> int:
+    """``foodlib cache``: list the decoded caches; ``--prune`` removes stale ones."""
+    folder = decoded_folder(cache_dir)
+    if prune or older_than_days is not None:
+        removed = prune_caches(cache_dir, older_than_days, dry_run)
+        verb = "would remove" if dry_run else "removed"
+        for e in removed:
+            print(f"{verb} {e.key}  {format_size(e.size_bytes):>8}  {e.state}: {e.detail}  ({e.root or '-'})")
+        print(f"{verb} {len(removed)} cache(s), {format_size(sum(e.size_bytes for e in removed))}, from {folder}")
+        return 0
+    entries = list_caches(cache_dir)
+    total = sum(e.size_bytes for e in entries)
+    print(f"{len(entries)} decoded cache(s) in {folder}, {format_size(total)}")
+    if not entries:
+        return 0
+    print(f"{'key':<20}  {'images':>7}  {'side':>4}  {'size':>8}  {'last used':<16}  {'state':<10}  source")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
+        state = e.state + ("*" if e.building else "")
+        print(f"{e.key:<20}  {e.images if e.images is not None else '-':>7}  {e.side or '-':>4}  "
+              f"{format_size(e.size_bytes):>8}  {used:<16}  {state:<10}  {e.root or '-'}")
+    if any(e.building for e in entries):
+        print("* being built (or opened) by a running process: never pruned")
+    prunable_now = [e for e in entries if prunable(e)]
+    if prunable_now:
+        print(f"`foodlib cache --prune` removes the {len(prunable_now)} stale, corrupt or unfinished one(s), "
+              f"{format_size(sum(e.size_bytes for e in prunable_now))}; add --older-than DAYS for unused ones")
+    recent = [e for e in entries if e.state in ("stale", "corrupt") and not e.building and not prunable(e)]
+    if recent:
+        print(f"{len(recent)} stale or corrupt one(s) used in the last {RECENT_USE_S // 3600} hour(s) are kept "
+              "until then: a running process may still read them")
+    return 0

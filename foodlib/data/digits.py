@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from foodlib.io import building_dir, cache_home, check_replaceable, read_json_or_none, swap_in
+from foodlib.io import building_dir, cache_folder, check_replaceable, read_json_or_none, swap_in
 
 #: bump when the way images are written changes, so written folders are rebuilt.
 DIGITS_VERSION = 1
@@ -58,12 +58,12 @@ def digits_arrays(image_size: int = 32, resample: str = "bilinear") -> tuple[np.
 
 
 def default_digits_root(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> Path:
-    """``<cache>/digits-<size>-<test %>-<seed>``; ``<cache>`` is ``$FOODLIB_CACHE`` or ``~/.cache/foodlib``.
+    """``<cache>/digits-<size>-<test %>-<seed>``, ``<cache>`` from :func:`foodlib.io.cache_folder`.
 
     >>> default_digits_root(32).name
     'digits-32px-test20-seed0'
     """
-    return cache_home() / f"digits-{image_size}px-test{round(test_fraction * 100)}-seed{seed}"
+    return cache_folder() / f"digits-{image_size}px-test{round(test_fraction * 100)}-seed{seed}"
 
 
 def write_digits(

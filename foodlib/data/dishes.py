@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foodlib.io import building_dir, cache_home, check_replaceable, swap_in
+from foodlib.io import building_dir, cache_folder, check_replaceable, swap_in
 from PIL import Image, ImageFilter
 
 #: bump when the rendering changes, so written datasets and caches keyed on the spec are rebuilt.
@@ -544,13 +544,13 @@ def _sprinkle(rng, food, food_alpha, colour, second, count):
 def default_dishes_root(spec: DishesSpec | None = None) -> Path:
     """Where :func:`write_dishes` puts a spec by default: ``<cache>/dishes-<hash of spec>``.
 
-    ``<cache>`` is ``$FOODLIB_CACHE`` when set, else ``~/.cache/foodlib``.
+    ``<cache>``: :func:`foodlib.io.cache_folder` (``$FOODLIB_CACHE``, else ``~/.cache/foodlib``).
 
     >>> default_dishes_root(DishesSpec()).name.startswith("dishes-")
     True
     """
     spec = spec or DishesSpec()
-    return cache_home() / f"dishes-{spec.digest()}"
+    return cache_folder() / f"dishes-{spec.digest()}"
 
 
 def read_marker(root: str | os.PathLike) -> dict | None:

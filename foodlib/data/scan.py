@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from foodlib.data.walk import walk_files
-from foodlib.io import cache_home
+from foodlib.io import cache_folder
 
 #: split folder names recognised under the root, in report order.
 SPLIT_NAMES = ("train", "val", "test")
@@ -487,7 +487,7 @@ def scan_cached(
 
     The key covers every file's relative path, size and modification time, the class folders and
     the scan options, so any change triggers a fresh scan. Reports live in
-    ``cache_dir/scan-<key>.json`` (default ``$FOODLIB_CACHE/scans`` or ``~/.cache/foodlib/scans``).
+    ``cache_dir/scan-<key>.json`` (default ``<cache folder>/scans``, :func:`foodlib.io.cache_folder`).
 
     Args:
         root: dataset folder.
@@ -498,7 +498,7 @@ def scan_cached(
     >>> report = scan_cached("data/food101-10", progress=False)  # doctest: +SKIP
     """
     keyed = {k: v for k, v in scan_options.items() if k not in ("progress", "workers")}
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache_home() / "scans"
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache_folder() / "scans"
     path = cache_dir / f"scan-{scan_key(root, **keyed)}.json"
     if path.is_file():
         try:
