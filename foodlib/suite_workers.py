@@ -24,6 +24,7 @@ from typing import Callable
 
 from foodlib import suite as S
 from foodlib.messages import logger
+from foodlib.io import atomic_write_text
 
 CLAIMS_DIR = ".claims"  # inside the suite folder; not inside run folders, which a stale rerun may clear
 COMPARE_CLAIM = "_compare"
@@ -73,8 +74,6 @@ def run_worker(
     suite_dir = spec.out_dir / spec.name
     suite_dir.mkdir(parents=True, exist_ok=True)
     if spec.source_text:
-        from foodlib.io import atomic_write_text
-
         atomic_write_text(suite_dir / "suite.yaml", spec.source_text)
     declared = S.notebook_parameters(spec.notebook)
     t_start = time.time()

@@ -45,6 +45,7 @@ from foodlib.data.augment import augment_options, eval_transform, normalization,
 from foodlib.data.cache import build_lock, cache_key
 from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.io import atomic_write_json, cache_folder
+from foodlib.trainable import trunk_is_frozen
 
 TRUNK_CACHE_VERSION = 1  # bump when the view drawing or the stored layout changes
 VIEW_SEED = 20_240_601  # augmented views are drawn from this seed, not the run's: every seed shares them
@@ -274,8 +275,6 @@ def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
         model: an EmbeddingNet whose whole backbone is frozen (``trainable="head"``).
         cfg: the run's Config (image_size, augment, trunk_views, cache_dir).
     """
-    from foodlib.trainable import trunk_is_frozen
-
     if not trunk_is_frozen(model):
         raise ValueError("the trunk cache needs a frozen backbone (trainable='head'); this one trains")
     norm, weights = normalization(model), weights_digest(model.backbone)

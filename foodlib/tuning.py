@@ -81,6 +81,7 @@ from foodlib.config import Config, ConfigError
 from foodlib.io import atomic_write_text
 from foodlib.suite import RUNTIME_FIELDS, SUITE_FIELDS, SuiteError, SuiteSpec, load_suite
 from foodlib.messages import logger
+from foodlib.io import atomic_write_json
 
 SEARCH_KEYS = ("trials", "objective", "direction", "seed", "startup_trials", "pruner", "shared", "losses")
 PRUNER_KEYS = ("startup_trials", "warmup_epochs")
@@ -439,7 +440,7 @@ class _DataCache:
     def get(self, cfg: Config, progress: bool):
         from dataclasses import asdict
 
-        from foodlib.data import load_data
+        from foodlib.data import load_data  # lazy: torch (--report-only and suite parsing need none)
 
         key = yaml.safe_dump(asdict(cfg.data), sort_keys=True)
         if key != self.key:
@@ -603,8 +604,7 @@ def _run_trial(study, store, trial, spec: SuiteSpec, search: SearchSpec, loss: s
     import optuna
     from optuna.trial import TrialState
 
-    from foodlib.io import atomic_write_json
-    from foodlib.train import NonFiniteLossError, fit
+    from foodlib.train import NonFiniteLossError, fit  # lazy: torch, as above
 
     params = {p.name: p.suggest(trial) for p in search.space(loss)}
     run = trial.user_attrs.get("run") or f"{loss}-t{trial.number:03d}"

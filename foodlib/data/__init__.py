@@ -17,11 +17,14 @@ import numpy as np
 
 from foodlib.data.augment import cache_side
 from foodlib.data.cache import DecodedImages, build_cache
+from foodlib.data.digits import write_digits
+from foodlib.data.dishes import DishesSpec, write_dishes
 from foodlib.data.folders import ClassMismatchError, DatasetIndex, Split, carve_val, index_image_folder, limit_per_class
 from foodlib.data.food101 import index_food101, is_food101_root
 from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.data.novel import NOVEL_SPLIT, hold_out_classes
-from foodlib.io import cache_folder
+from foodlib.data.scan import scan_cached
+from foodlib.io import atomic_write_json, atomic_write_text, cache_folder
 
 __all__ = [
     "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource",
@@ -66,8 +69,6 @@ def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
     """Turn a data spec into (kind, root). Embedded datasets are generated on first use (offline)."""
     cache_dir = cache_folder(cfg.data.cache_dir if cfg is not None else None)
     if spec == "dishes":
-        from foodlib.data.dishes import DishesSpec, write_dishes
-
         kw = {}
         if cfg is not None:
             kw = dict(num_classes=cfg.data.dishes_classes, train_per_class=cfg.data.dishes_per_class,
@@ -76,8 +77,6 @@ def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
         spec_obj = DishesSpec(**kw)
         return "imagefolder", Path(write_dishes(cache_dir / f"dishes-{spec_obj.digest()}", spec_obj, progress=False))
     if spec == "digits":
-        from foodlib.data.digits import write_digits
-
         return "imagefolder", Path(write_digits(cache_dir / "digits"))
     if spec.startswith("food101:"):
         return "food101", Path(spec.split(":", 1)[1]).expanduser()
@@ -184,8 +183,6 @@ def _check_every_class_trains(index: DatasetIndex, errors: dict[str, str]) -> No
 
 def _decode_check(paths: list[str], cfg, progress: bool) -> dict[str, str]:
     """Without the cache, find unreadable files up front with the (cached) scan, not at epoch 17."""
-    from foodlib.data.scan import scan_cached
-
     kind, root = resolve_data_root(cfg.data.data, cfg)
     scan_root = root / "images" if kind == "food101" else root  # Food-101 keeps its images in images/<class>/
     report = scan_cached(scan_root, cache_folder(cfg.data.cache_dir) / "scans", progress=progress)
@@ -207,8 +204,6 @@ def _report_errors(report) -> dict[str, str]:
 
 def _write_run_files(run_dir: Path, index: DatasetIndex, errors: dict[str, str],
                      novel: DatasetIndex | None = None) -> None:
-    from foodlib.io import atomic_write_json, atomic_write_text
-
     index.write_split_files(run_dir)
     atomic_write_json(run_dir / "classes.json", index.classes)
     if novel is not None:  # splits/novel.txt (path<TAB>class) and the held-out class names
