@@ -119,19 +119,23 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def build_optimizers(cfg: Config, model: nn.Module, loss: DiscriminativeLoss):
     """The network optimizer (network + loss head) and, for learnable centers, their own SGD.
 
-    Weight decay applies to weight matrices (network and linear classifier), never to biases,
+    Weight decay applies to the network's weight matrices and to the loss parameters the loss
+    names in ``loss.weight_decay_parameters()`` (a linear classifier's weight); never to biases,
     norm layers or class state (centers, Gaussian means, log-variances): pulling class state
     towards the origin would fight the loss. Centers in ``update="sgd"`` mode get a plain SGD
     optimizer with ``center_lr`` (the paper's center step, independent of the network's
     optimizer and not scaled by lam).
     """
     state_ids = {id(p) for p in loss.state_parameters()}
+    loss_decay_ids = {id(p) for p in loss.weight_decay_parameters()}
     decay, no_decay = [], []
-    for name, p in list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss.named_parameters()]:
-        if not p.requires_grad or id(p) in state_ids:
-            continue
-        is_matrix = p.ndim > 1 and (not name.startswith("loss.") or name.startswith("loss.classifier."))
-        (decay if is_matrix else no_decay).append(p)
+    # Parameter order (network first, then the loss) fixes the optimizer state's layout in last.pt.
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    for p in loss.parameters():
+        if p.requires_grad and id(p) not in state_ids:
+            (decay if id(p) in loss_decay_ids else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
