@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
-from foodlib.config import LOSS_DECLARED_OPTIONS, Config, ConfigError
+from foodlib.config import LOSS_DECLARED_OPTIONS, Config, ConfigError, resume_free_fields
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
@@ -278,14 +278,6 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-#: Config fields a resumed run may change: they do not alter what is computed during training.
-#: ``epochs`` may only grow (the lr schedule then stretches from the resumed step on).
-RESUME_FREE_FIELDS = frozenset({
-    "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
-    "eval_test", "features", "figures", "threads", "overwrite",
-    "tensorboard",
-})
-
 #: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
 RESUME_KEYS = ("config", "classes", "model", "loss", "optimizer", "scaler", "center_optimizer", "epoch",
                "best_top1", "best_epoch", "trace")
@@ -307,10 +299,11 @@ def check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     saved_flat = {**Config().to_flat(),
                   **{k: v for section in saved.values() if isinstance(section, dict) for k, v in section.items()}}
     current = cfg.to_flat()
+    resume_free = resume_free_fields()  # marked on the fields in foodlib/config.py
     differing = [
         f"{name}={current[name]!r} (the run used {saved_flat[name]!r})"
         for name in current
-        if name not in RESUME_FREE_FIELDS and saved_flat[name] != current[name]
+        if name not in resume_free and saved_flat[name] != current[name]
     ]
     saved_epochs = saved_flat.get("epochs")
     if isinstance(saved_epochs, int) and cfg.train.epochs < saved_epochs:
