@@ -24,6 +24,16 @@ from foodlib.errors import ConfigError
 from foodlib.io import atomic_write_text
 
 
+# Field metadata, declared once on the fields below (read by runtime_fields() / resume_free_fields()):
+#: the field never changes a result: how a run executes, not what it computes (the suite and
+#: ``foodlib tune`` ignore it when deciding whether a finished run still matches).
+RUNTIME = {"runtime": True}
+#: the field may change a run's results (how long it trains, how images are read, what is evaluated
+#: after training) but not the training already done, so a resumed run may change it (``epochs``
+#: may only grow; the lr schedule then stretches from the resumed step on).
+RESUME_FREE = {"resume_free": True}
+
+
 @dataclass
 class DataConfig:
     data: str = "dishes"  # ImageFolder root | "food101:ROOT" | "dishes" | "digits"
@@ -31,9 +41,9 @@ class DataConfig:
     val_fraction: float = 0.1  # stratified val split carved from train when the data has no val/
     split_seed: int = 0  # seed of that split; independent of the training seed
     limit_per_class: int | None = None  # use at most this many train images per class (quick runs)
-    cache: bool = True  # decode + resize each image once into a memory-mapped uint8 cache
-    cache_dir: str | None = None  # None: cache_folder(): $FOODLIB_CACHE, else ~/.cache/foodlib
-    bad_files: str = "skip"  # skip (and list in the run folder) | fail
+    cache: bool = field(default=True, metadata=RESUME_FREE)  # decode + resize each image once into a memory-mapped uint8 cache
+    cache_dir: str | None = field(default=None, metadata=RUNTIME)  # None: cache_folder(): $FOODLIB_CACHE, else ~/.cache/foodlib
+    bad_files: str = field(default="skip", metadata=RESUME_FREE)  # skip (and list in the run folder) | fail
     trunk_cache: bool = True  # trainable=head: compute the frozen trunk's features once, reuse them in every run
     trunk_views: int = 8  # trunk cache: augmented views per training image (each epoch picks one per image)
     dishes_classes: int = 10  # embedded dishes: number of classes
@@ -92,26 +102,45 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # passes over the training split
+    epochs: int = field(default=10, metadata=RESUME_FREE)  # passes over the training split
     batch_size: int = 64  # images per optimizer step (global, across all processes)
     seed: int = 0  # seeds weights, shuffling and augmentation; the same seed gives the same run
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    device: str = field(default="auto", metadata=RUNTIME)  # auto (cuda if present) | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on GPUs and AMX CPUs, fp16 on older GPUs, else off) | bf16 | fp16 | off
     channels_last: bool = True  # NHWC memory layout: faster convolutions on GPU and recent CPUs
     compile: bool = False  # torch.compile the model (slow start, faster steps on long GPU runs)
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     augment: str = "standard"  # none | flip | standard (random resized crop + flip) | strong (+ colour)
-    workers: int | None = None  # loader processes (None: 0 on a CPU with the cache, else min(4, cores))
-    threads: int | None = None  # CPU threads of torch (None: torch's default, one per core; 1 wins on a busy machine)
-    out: str = "runs/default"  # run folder
-    resume: bool = False  # continue the run in `out` from last.pt
-    overwrite: bool = False  # allow training over a finished run in `out` (its results are replaced)
-    quiet: bool = False  # no progress bars (batch runs)
-    eval_test: bool = True  # evaluate the test split from the best checkpoint at the end
-    features: bool = True  # extract embeddings + logits for every split into features.npz
-    figures: bool = True  # write figures (UMAP, curves, confusion) to the run's figures/
+    workers: int | None = field(default=None, metadata=RUNTIME)  # loader processes (None: 0 on a CPU with the cache, else min(4, cores))
+    threads: int | None = field(default=None, metadata=RUNTIME)  # CPU threads of torch (None: torch's default, one per core; 1 wins on a busy machine)
+    out: str = field(default="runs/default", metadata=RUNTIME)  # run folder
+    resume: bool = field(default=False, metadata=RUNTIME)  # continue the run in `out` from last.pt
+    overwrite: bool = field(default=False, metadata=RUNTIME)  # allow training over a finished run in `out` (its results are replaced)
+    quiet: bool = field(default=False, metadata=RUNTIME)  # no progress bars (batch runs)
+    eval_test: bool = field(default=True, metadata=RESUME_FREE)  # evaluate the test split from the best checkpoint at the end
+    features: bool = field(default=True, metadata=RESUME_FREE)  # extract embeddings + logits for every split into features.npz
+    figures: bool = field(default=True, metadata=RUNTIME)  # write figures (UMAP, curves, confusion) to the run's figures/
     samples_per_class: int | None = None  # class-balanced batches of m images per class (None: what the loss asks; 0: off)
-    tensorboard: bool = True  # TensorBoard events in the run's tensorboard/ (scalars, hparams, projector)
+    tensorboard: bool = field(default=True, metadata=RUNTIME)  # TensorBoard events in the run's tensorboard/ (scalars, hparams, projector)
+
+
+def runtime_fields() -> frozenset[str]:
+    """Leaf names marked ``RUNTIME``: they never change a result (run folder, device, workers, ...).
+
+    >>> sorted(runtime_fields())[:3]
+    ['cache_dir', 'device', 'figures']
+    """
+    return frozenset(name for name, (_, leaf) in Config.field_index().items() if leaf.metadata.get("runtime"))
+
+
+def resume_free_fields() -> frozenset[str]:
+    """Leaf names a resumed run may change: the ``RUNTIME`` fields and those marked ``RESUME_FREE``.
+
+    >>> sorted(resume_free_fields() - runtime_fields())
+    ['bad_files', 'cache', 'epochs', 'eval_test', 'features']
+    """
+    marked = {name for name, (_, leaf) in Config.field_index().items() if leaf.metadata.get("resume_free")}
+    return runtime_fields() | marked
 
 
 @dataclass

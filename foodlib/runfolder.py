@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import yaml
+
+from foodlib.config import Config, ConfigError, resume_free_fields
 from foodlib.messages import logger
-from foodlib.config import ConfigError
+from foodlib.io import LOCK_NAME, folder_lock
 
 #: Files a run writes once it has trained (any one of them means: results live here).
 RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz")
@@ -87,11 +90,6 @@ def check_run_folder(run_dir: Path, cfg, log: Callable[[str], None] = logger.inf
 
 def _check_recorded_config(recorded: Path, cfg) -> None:
     """ConfigError unless ``cfg`` may continue the run recorded in ``recorded`` (same rules as resume)."""
-    import yaml
-
-    from foodlib.config import ConfigError
-    from foodlib.train import check_resume_config  # local: train imports this module
-
     try:
         saved = yaml.safe_load(recorded.read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -123,7 +121,6 @@ def retire_run_folder(run_dir: Path) -> Path:
     """
     import time
 
-    from foodlib.io import LOCK_NAME, folder_lock
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     retired = run_dir.with_name(f"{run_dir.name}{RETIRED_MARK}{stamp}")
@@ -155,3 +152,35 @@ def read_split_file(run_dir: str | Path, split: str) -> tuple[list[str], list[st
             paths.append(path)
             names.append(name)
     return paths, names
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Raise ConfigError naming every field where ``cfg`` differs from the run saved in ``path``.
+
+    Resuming with another loss, lr, seed or data would silently splice two different runs.
+
+    >>> saved = Config.from_flat(epochs=10).to_dict()
+    >>> check_resume_config(saved, Config.from_flat(epochs=20, workers=0), Path("last.pt"))  # allowed
+    >>> check_resume_config(saved, Config.from_flat(epochs=10, lr=0.1), Path("last.pt"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    foodlib.errors.ConfigError: cannot resume last.pt with a different config: lr=0.1 (the run used 0.002)...
+    """
+    # A field the saved config lacks (added to foodlib after the run started) counts as its
+    # default, which is how the older code behaved; fields foodlib no longer has are ignored.
+    saved_flat = {**Config().to_flat(),
+                  **{k: v for section in saved.values() if isinstance(section, dict) for k, v in section.items()}}
+    current = cfg.to_flat()
+    resume_free = resume_free_fields()  # marked on the fields in foodlib/config.py
+    differing = [
+        f"{name}={current[name]!r} (the run used {saved_flat[name]!r})"
+        for name in current
+        if name not in resume_free and saved_flat[name] != current[name]
+    ]
+    saved_epochs = saved_flat.get("epochs")
+    if isinstance(saved_epochs, int) and cfg.train.epochs < saved_epochs:
+        differing.append(f"epochs={cfg.train.epochs} (the run used {saved_epochs}; epochs may only grow)")
+    if differing:
+        raise ConfigError(
+            f"cannot resume {path} with a different config: {'; '.join(differing)}. "
+            "Use the run's own config.yaml (--config), or train into a new out folder."
+        )

@@ -47,16 +47,16 @@ from typing import Any, Callable
 
 import yaml
 
-from foodlib.config import Config, ConfigError
+from foodlib.config import Config, ConfigError, runtime_fields
 from foodlib.gpu_slots import GpuSlots, kernel_manager_with_env
 from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
 from foodlib.messages import logger
 from foodlib.runfolder import retire_run_folder
 
-#: Config fields that change how a run executes, not what it computes: ignored when deciding
-#: whether a finished run still matches the suite (moving runs/ or switching cpu/cuda keeps them).
-RUNTIME_FIELDS = frozenset({"out", "resume", "quiet", "device", "workers", "cache_dir", "threads", "overwrite",
-                            "figures", "tensorboard"})  # figures: drawn after training, from the same numbers
+#: Config fields that change how a run executes, not what it computes (marked ``RUNTIME`` in
+#: foodlib/config.py): ignored when deciding whether a finished run still matches the suite
+#: (moving runs/ or switching cpu/cuda keeps them).
+RUNTIME_FIELDS = runtime_fields()
 #: Fields a suite sets itself; ``base`` / ``grid`` may not set them.
 SUITE_FIELDS = frozenset({"loss", "seed", "out", "resume"})
 GRID_KEYS = frozenset({"name", "losses"})  # grid-entry keys that are not Config fields

@@ -34,6 +34,8 @@ from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
+from foodlib.data.balanced import BalancedBatchLoader
+from foodlib.analysis import analyse_run
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
                                  setup_distributed, wrap_ddp)
@@ -41,10 +43,13 @@ from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, 
 from foodlib.losses import DiscriminativeLoss, create_loss, loss_options
 from foodlib.messages import logger
 from foodlib.models import EmbeddingNet, create_model
+from foodlib.openset import evaluate_openset
 from foodlib.runtime import autocast_dtype, describe_device_and_precision, loader_workers, resolve_device
-from foodlib.runfolder import check_run_folder, check_writable
+from foodlib.runfolder import check_resume_config, check_run_folder, check_writable
 from foodlib.tensorboard_log import RunBoard
 from foodlib.trainable import apply_trainable
+from foodlib.trunk_cache import with_trunk_features
+import foodlib
 
 CHECKPOINT_FORMAT = 1
 
@@ -72,19 +77,23 @@ class RunResult:
 def build_optimizers(cfg: Config, model: nn.Module, loss: DiscriminativeLoss):
     """The network optimizer (network + loss head) and, for learnable centers, their own SGD.
 
-    Weight decay applies to weight matrices (network and linear classifier), never to biases,
+    Weight decay applies to the network's weight matrices and to the loss parameters the loss
+    names in ``loss.weight_decay_parameters()`` (a linear classifier's weight); never to biases,
     norm layers or class state (centers, Gaussian means, log-variances): pulling class state
     towards the origin would fight the loss. Centers in ``update="sgd"`` mode get a plain SGD
     optimizer with ``center_lr`` (the paper's center step, independent of the network's
     optimizer and not scaled by lam).
     """
     state_ids = {id(p) for p in loss.state_parameters()}
+    loss_decay_ids = {id(p) for p in loss.weight_decay_parameters()}
     decay, no_decay = [], []
-    for name, p in list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss.named_parameters()]:
-        if not p.requires_grad or id(p) in state_ids:
-            continue
-        is_matrix = p.ndim > 1 and (not name.startswith("loss.") or name.startswith("loss.classifier."))
-        (decay if is_matrix else no_decay).append(p)
+    # Parameter order (network first, then the loss) fixes the optimizer state's layout in last.pt.
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    for p in loss.parameters():
+        if p.requires_grad and id(p) not in state_ids:
+            (decay if id(p) in loss_decay_ids else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -203,7 +212,6 @@ def _git_commit() -> str | None:
 def run_info(cfg: Config, device: torch.device, info: DistInfo) -> dict[str, Any]:
     import torchvision
 
-    import foodlib
 
     return {
         "seed": cfg.train.seed, "device": str(device), "world_size": info.world_size,
@@ -225,48 +233,9 @@ def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-#: Config fields a resumed run may change: they do not alter what is computed during training.
-#: ``epochs`` may only grow (the lr schedule then stretches from the resumed step on).
-RESUME_FREE_FIELDS = frozenset({
-    "epochs", "resume", "quiet", "workers", "device", "out", "cache", "cache_dir", "bad_files",
-    "eval_test", "features", "figures", "threads", "overwrite",
-    "tensorboard",
-})
-
 #: What ``last.pt`` must hold for ``resume`` (best.pt holds only the weights).
 RESUME_KEYS = ("config", "classes", "model", "loss", "optimizer", "scaler", "center_optimizer", "epoch",
                "best_top1", "best_epoch", "trace")
-
-
-def check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
-    """Raise ConfigError naming every field where ``cfg`` differs from the run saved in ``path``.
-
-    Resuming with another loss, lr, seed or data would silently splice two different runs.
-
-    >>> saved = Config.from_flat(epochs=10).to_dict()
-    >>> check_resume_config(saved, Config.from_flat(epochs=20, workers=0), Path("last.pt"))  # allowed
-    >>> check_resume_config(saved, Config.from_flat(epochs=10, lr=0.1), Path("last.pt"))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    foodlib.config.ConfigError: cannot resume last.pt with a different config: lr=0.1 (the run used 0.002)...
-    """
-    # A field the saved config lacks (added to foodlib after the run started) counts as its
-    # default, which is how the older code behaved; fields foodlib no longer has are ignored.
-    saved_flat = {**Config().to_flat(),
-                  **{k: v for section in saved.values() if isinstance(section, dict) for k, v in section.items()}}
-    current = cfg.to_flat()
-    differing = [
-        f"{name}={current[name]!r} (the run used {saved_flat[name]!r})"
-        for name in current
-        if name not in RESUME_FREE_FIELDS and saved_flat[name] != current[name]
-    ]
-    saved_epochs = saved_flat.get("epochs")
-    if isinstance(saved_epochs, int) and cfg.train.epochs < saved_epochs:
-        differing.append(f"epochs={cfg.train.epochs} (the run used {saved_epochs}; epochs may only grow)")
-    if differing:
-        raise ConfigError(
-            f"cannot resume {path} with a different config: {'; '.join(differing)}. "
-            "Use the run's own config.yaml (--config), or train into a new out folder."
-        )
 
 
 def read_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
@@ -400,20 +369,24 @@ def fit(cfg: Config, data: Data | None = None, on_epoch: Callable[[int, list[dic
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     info = setup_distributed(device)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    run_dir = Path(cfg.train.out).expanduser()
-    new_folder = info.is_main and not run_dir.exists()
     try:
-        if info.is_main:
-            check_writable(run_dir)  # a read-only or missing parent: one clear line, not a PermissionError deep inside
-        # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
-        with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
-            return _fit(cfg, data, device, info, run_dir, t_start, on_epoch)
-    except BaseException:
-        if new_folder:
-            remove_unstarted_run(run_dir)
-        raise
+        if info.enabled and device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+        run_dir = Path(cfg.train.out).expanduser()
+        new_folder = info.is_main and not run_dir.exists()
+        try:
+            if info.is_main:
+                check_writable(run_dir)  # a read-only or missing parent: one clear line, not a PermissionError deep inside
+            # Rank 0 is the folder's only writer, so it alone holds the lock (torchrun stops the other ranks if it fails).
+            with folder_lock(run_dir, f"a training run ({cfg.train.out})") if info.is_main else contextlib.nullcontext():
+                return _fit(cfg, data, device, info, run_dir, t_start, on_epoch)
+        except BaseException:
+            if new_folder:
+                remove_unstarted_run(run_dir)
+            raise
+    finally:
+        if info.enabled:
+            cleanup_distributed()  # also when the run fails: the process group never outlives fit()
 
 
 def remove_unstarted_run(run_dir: Path) -> None:
@@ -425,101 +398,43 @@ def remove_unstarted_run(run_dir: Path) -> None:
 
 def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, run_dir: Path, t_start: float,
          on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None) -> RunResult:
-    """fit()'s body, with the run folder locked."""
+    """fit()'s body, with the run folder locked: set up, the epoch loop, then the final evaluation."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes (training drops the last partial batch): pick once
     main = info.is_main
     progress = main and not cfg.train.quiet
     log = logger.info if main else (lambda *a, **k: None)
-
-    # -- run folder --------------------------------------------------------------------------
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if main:
-        check_run_folder(run_dir, cfg, log)  # a finished run is replaced only with overwrite=True
-    # Read and check last.pt before anything in the folder is rewritten: a refused resume must
-    # leave the run's config.yaml and run.json as they were.
-    resume_ckpt = read_resume_checkpoint(last_path, cfg) if cfg.train.resume and last_path.exists() else None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(run_dir)  # half-written files of a killed run; the real ones are intact
-        cfg.with_overrides(overwrite=False).to_yaml(run_dir / "config.yaml")  # never carried on to a rerun
-        atomic_write_json(run_dir / "run.json", run_info(cfg, device, info))
+    resume_ckpt = _prepare_run_folder(cfg, run_dir, device, info, log)  # checked before anything is rewritten
 
     # -- data, model, loss, optimizers --------------------------------------------------------
     if data is None:
         # rank 0 generates / decodes first, the other ranks then reuse its files (no K-fold work)
         data = in_turns(load_data, cfg, run_dir if main else None, progress=progress)
     log(f"data: {data.index.summary()}")
-    model, loss = build_model_and_loss(cfg, data.num_classes)
-    model = maybe_sync_batchnorm(model, cfg.train.sync_bn, device, info.world_size)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    loss = loss.to(device)
+    model, loss = _on_device(cfg, *build_model_and_loss(cfg, data.num_classes), device, info)
     optimizer, center_optimizer = build_optimizers(cfg, model, loss)
+    optimizers = [o for o in (optimizer, center_optimizer) if o is not None]
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log(describe_device_and_precision(cfg.train.amp, device, amp_dtype))
     if cfg.model.trainable == "head" and cfg.data.trunk_cache:
-        from foodlib.trunk_cache import with_trunk_features
-
         # the frozen trunk runs once per image and view (cached across runs); batches become features (N, F)
         data = with_trunk_features(data, model, cfg, device, amp_dtype, progress=progress)
-
-    if info.world_size > 1 and cfg.train.batch_size % info.world_size:
-        raise ConfigError(f"batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes")
-    cuda = device.type == "cuda"
-    loader_kw = dict(workers=loader_workers(cfg, device), pin_memory=cuda, rank=info.rank, world_size=info.world_size)
-    train_loader = data.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, **loader_kw)
-    samples_per_class = class_balance(cfg, loss)
-    if samples_per_class:  # pair / triplet losses: m images per class in every batch (and on every rank)
-        from foodlib.data.balanced import BalancedBatchLoader
-
-        try:
-            train_loader = BalancedBatchLoader(data.sources["train"], data.labels("train"), cfg.train.batch_size,
-                                               samples_per_class, seed=cfg.train.seed, **loader_kw)
-        except ValueError as error:
-            raise ConfigError(f"loss={cfg.loss.loss!r}: {error}") from None
-    val_split = "val" if "val" in data.index.splits and len(data.index.splits["val"]) else None
-    val_loader = data.loader(val_split, cfg.train.batch_size, shuffle=False, **loader_kw) if val_split else None
+    loader_kw = _loader_options(cfg, device, info)
+    train_loader, val_loader = _training_loaders(cfg, data, loss, loader_kw)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size={cfg.train.batch_size} is larger than the {len(data.labels('train'))} training images; "
-            "lower batch_size"
-        )
-
-    # The loss joins the DDP module so its parameters (classifier, sgd centers, L-GM means) are
-    # synchronised like the network's; paper-mode centers all-reduce inside update_centers().
-    step_module = _ModelAndLoss(model, loss)
-    if info.enabled:
-        step_module = wrap_ddp(step_module, device)  # no per-step buffer broadcast: see its docstring
-    forward = torch.compile(step_module) if cfg.train.compile else step_module
+    forward = _step_module(cfg, model, loss, device, info)  # DDP-wrapped and compiled where asked
 
     # -- resume ------------------------------------------------------------------------------
-    start_epoch, best_top1, best_epoch, trace = 0, -1.0, -1, []
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # peak lrs: read before a resumed state overwrites them
+    checkpoints = _Checkpoints(cfg, run_dir, data.classes, model, loss, optimizer, center_optimizer, scaler)
+    run = _Progress()
     if resume_ckpt is not None:
-        ckpt = resume_ckpt
-        if ckpt["classes"] != data.classes:
-            only_ckpt = sorted(set(ckpt["classes"]) - set(data.classes))
-            only_data = sorted(set(data.classes) - set(ckpt["classes"]))
-            raise CheckpointError(
-                f"{last_path} was trained on {len(ckpt['classes'])} classes, the data {cfg.data.data!r} has "
-                f"{len(data.classes)}: only in the checkpoint {only_ckpt[:10]}, only in the data {only_data[:10]}"
-                + ("" if only_ckpt or only_data else " (same names, different order)")
-                + "; resume with the data the run was trained on"
-            )
-        model.load_state_dict(ckpt["model"])
-        loss.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if center_optimizer is not None:
-            center_optimizer.load_state_dict(ckpt["center_optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_top1, best_epoch, trace = ckpt["epoch"], ckpt["best_top1"], ckpt["best_epoch"], ckpt["trace"]
-        log(f"resuming {run_dir} after epoch {start_epoch} (best val top-1 {best_top1:.4f} at epoch {best_epoch})")
-    board = RunBoard.open(cfg, run_dir, main, start_epoch)  # TensorBoard (foodlib/tensorboard_log.py)
+        run = checkpoints.restore(resume_ckpt)
+        log(f"resuming {run_dir} after epoch {run.epoch} (best val top-1 {run.best_top1:.4f} at epoch {run.best_epoch})")
+    board = RunBoard.open(cfg, run_dir, main, run.epoch)  # TensorBoard (foodlib/tensorboard_log.py)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(run.epoch, cfg.train.epochs):
         # -- schedules -----------------------------------------------------------------------
         # Everything below is a function of (seed, epoch), never of what ran before in this
         # process, so resuming from last.pt replays the interrupted epoch exactly: lam / margin
@@ -529,7 +444,6 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
         torch.manual_seed(epoch_seed(cfg.train.seed, epoch, info.rank))
         train_loader.set_epoch(epoch)
         generator = epoch_generator(cfg.train.seed, epoch, info.rank)
-        augment = augment_options(cfg.train.augment)
 
         # -- train ---------------------------------------------------------------------------
         model.train()
@@ -539,123 +453,66 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
         t_epoch = time.time()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress, leave=False)
         for step, (images, labels) in enumerate(bar):
-            global_step = epoch * steps_per_epoch + step
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor(cfg, global_step, steps_per_epoch)
+                group["lr"] = base * lr_factor(cfg, epoch * steps_per_epoch + step, steps_per_epoch)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if cfg.train.augment == "none":
-                x = eval_transform(images, cfg.data.image_size, cfg.train.channels_last, **normalization(model))
-            else:
-                x = train_transform(images, cfg.data.image_size, generator, channels_last=cfg.train.channels_last,
-                                    **augment, **normalization(model))
+            x = _training_input(cfg, images, generator, model)  # augmented, normalised (N, 3, S, S)
 
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 embedding, out = forward(x, labels)  # (N, D), LossOutput in float32
             with torch.no_grad():  # top-1/top-5 from the margin-free logits (as in val), before the step changes the head
                 predicted = loss.predict(embedding.detach())  # (N, C); loss and terms keep the margin
             watch.observe(step, out)
-            watch.check(epoch, step, kept_checkpoint(last_path, epoch))
+            watch.check(epoch, step, kept_checkpoint(checkpoints.last_path, epoch))
 
-            optimizer.zero_grad(set_to_none=True)
-            if center_optimizer is not None:
-                center_optimizer.zero_grad(set_to_none=True)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
             scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            if center_optimizer is not None:
-                scaler.step(center_optimizer)
+            for o in optimizers:
+                scaler.step(o)
             scaler.update()
             loss.update_centers(embedding.detach().float(), labels)  # Center Loss Algorithm 1 (paper mode)
 
             sums += batch_stats(out, predicted, labels, loss.term_names)
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", top1=f"{float(sums[1] / sums[0]):.3f}")
-        train = summarise_stats(sums, loss.term_names)
-        seconds = time.time() - t_epoch
-        row = {"epoch": epoch + 1, "split": "train", "lr": optimizer.param_groups[0]["lr"],
-               **{k: v for k, v in train.items() if k != "n"},
-               "seconds": round(seconds, 3), "img_per_s": round(train["n"] / seconds, 1)}
-        trace.append(row)
-
+        train = summarise_stats(sums, loss.term_names)  # all-reduced: a device sync, then the epoch's time
+        train_row = _trace_row(epoch, "train", optimizer.param_groups[0]["lr"], train, time.time() - t_epoch)
         average_batchnorm_statistics(model)  # every rank evaluates and saves the same running statistics
 
         # -- val -----------------------------------------------------------------------------
+        val_row = None
         if val_loader is not None:
             t_val = time.time()
             val = evaluate(model, loss, val_loader, cfg.data.image_size, device, amp_dtype, cfg.train.channels_last,
                            progress, desc="val")
-            val_seconds = time.time() - t_val
-            trace.append({"epoch": epoch + 1, "split": "val", "lr": row["lr"], "loss": val["loss"],
-                          **{t: val[t] for t in loss.term_names}, "top1": val["top1"], "top5": val["top5"],
-                          "seconds": round(val_seconds, 3), "img_per_s": round(val["n"] / max(val_seconds, 1e-9), 1)})
-            score = val["top1"]
-        else:
-            score = row["top1"]  # no val split: the best checkpoint follows training accuracy
-        log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {row['loss']:.4f} top1 {row['top1']:.3f}"
-            + (f" | val loss {val['loss']:.4f} top1 {val['top1']:.3f}" if val_loader is not None else "")
-            + f" | {row['img_per_s']:.0f} img/s")
+            val_row = _trace_row(epoch, "val", train_row["lr"], val, time.time() - t_val)
+        run.trace += [row for row in (train_row, val_row) if row is not None]
+        log(_epoch_line(epoch, cfg.train.epochs, train_row, val_row))
 
         # -- checkpoints ---------------------------------------------------------------------
-        # A NaN gradient on the epoch's last step leaves non-finite weights behind a finite loss;
-        # checked once per epoch so that damaged weights never replace the last good last.pt.
-        damaged = non_finite_tensors(model, loss)
-        if damaged:
-            raise NonFiniteLossError(
-                f"after epoch {epoch + 1} (step {steps_per_epoch} of {steps_per_epoch}) these weights are NaN or "
-                f"infinite: {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}; the run stopped and "
-                f"{kept_checkpoint(last_path, epoch)}. Lower lr or lam, or check the data."
-            )
-        improved = score > best_top1
-        if improved:
-            best_top1, best_epoch = score, epoch + 1
+        check_weights_finite(model, loss, epoch, steps_per_epoch, checkpoints.last_path)
+        improved = run.finish_epoch(epoch, (val_row or train_row)["top1"])  # no val split: train accuracy decides
         if main:
-            common = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "classes": data.classes,
-                      "model": model.state_dict(), "loss": loss.state_dict(), "image_size": cfg.data.image_size,
-                      "embedding_dim": model.embedding_dim}
-            if improved:
-                atomic_torch_save(best_path, {**common, "epoch": epoch + 1, "val_top1": score})
-            write_trace(run_dir / "trace.csv", trace)
-            board.log_epoch(trace, epoch + 1)
-            atomic_torch_save(last_path, {
-                **common, "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "trace": trace,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "center_optimizer": center_optimizer.state_dict() if center_optimizer is not None else None,
-            })
+            checkpoints.save(run, improved, board)
         barrier()
         if on_epoch is not None:
-            on_epoch(epoch + 1, trace)
+            on_epoch(epoch + 1, run.trace)
 
     dump_rank_state(model, loss)  # debugging aid, FOODLIB_RANK_STATE_DIR (docs/distributed.md)
     check_in_sync(model, loss)  # DDP and the center all-reduce must leave every rank with the same state
 
     # -- final evaluation from the best checkpoint ----------------------------------------------
-    if best_path.exists():
-        best = load_checkpoint(best_path)
-        model.load_state_dict(best["model"])
-        loss.load_state_dict(best["loss"])
-    broadcast_state(model)  # rank 0's best.pt everywhere, also when `out` is not on shared storage
-    broadcast_state(loss)
-    metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs": cfg.train.epochs}
-    final_splits = [s for s in ("val", "test") if s in data.index.splits and len(data.index.splits[s])]
-    if not cfg.train.eval_test:
-        final_splits = [s for s in final_splits if s != "test"]
-    for split in final_splits:
+    checkpoints.load_best()
+    metrics: dict[str, Any] = {"best_epoch": run.best_epoch, "epochs": cfg.train.epochs}
+    for split in _final_splits(cfg, data):
         loader = data.loader(split, cfg.train.batch_size, shuffle=False, **loader_kw)
         metrics[split] = evaluate(model, loss, loader, cfg.data.image_size, device, amp_dtype,
                                   cfg.train.channels_last, progress, desc=split)
-    train_rows = [r for r in trace if r["split"] == "train"]
-    metrics["train_seconds"] = round(sum(r["seconds"] for r in train_rows), 2)
-    metrics["train_img_per_s"] = round(float(np.median([r["img_per_s"] for r in train_rows])), 1) if train_rows else None
-    metrics["bad_files"] = len(data.bad_files)
-
+    metrics.update(_speed_metrics(run.trace), bad_files=len(data.bad_files))
     if main:
         if cfg.train.features:
-            from foodlib.analysis import analyse_run
-
-            metrics = analyse_run(run_dir, model, loss, data, cfg, metrics, device=device, figures=cfg.train.figures,
-                                  trace=trace, progress=progress)
-            from foodlib.openset import evaluate_openset  # novel_classes: held-out pool and retrieval numbers
-
-            metrics = evaluate_openset(run_dir, model, loss, data, cfg, metrics, device=device, progress=progress)
+            metrics = _analyse(cfg, run_dir, model, loss, data, metrics, device, run.trace, progress)
         metrics["wall_seconds"] = round(time.time() - t_start, 2)
         atomic_write_json(run_dir / "metrics.json", metrics)
         board.finish(metrics, data, run_dir)
@@ -663,10 +520,231 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
             f"{s} top1 {metrics[s]['top1']:.3f}" for s in ("val", "test") if "top1" in metrics.get(s, {})))
     board.close()
     barrier()
-    if info.enabled:
-        cleanup_distributed()
-    return RunResult(run_dir, metrics, model, loss, data, trace)
+    return RunResult(run_dir, metrics, model, loss, data, run.trace)
 
+
+# ----- _fit's named steps, in the order it calls them ---------------------------------------------
+
+def _prepare_run_folder(cfg: Config, run_dir: Path, device: torch.device, info: DistInfo,
+                        log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Check the run folder, read ``last.pt`` when resuming, then write config.yaml and run.json.
+
+    ``last.pt`` is read and checked before anything in the folder is rewritten: a refused resume
+    leaves the run's config.yaml and run.json as they were. Returns the checkpoint to resume
+    from, or None for a fresh run.
+    """
+    if info.is_main:
+        check_run_folder(run_dir, cfg, log)  # a finished run is replaced only with overwrite=True
+    last_path = run_dir / "last.pt"
+    resume_ckpt = read_resume_checkpoint(last_path, cfg) if cfg.train.resume and last_path.exists() else None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(run_dir)  # half-written files of a killed run; the real ones are intact
+        cfg.with_overrides(overwrite=False).to_yaml(run_dir / "config.yaml")  # never carried on to a rerun
+        atomic_write_json(run_dir / "run.json", run_info(cfg, device, info))
+    return resume_ckpt
+
+
+def _on_device(cfg: Config, model: EmbeddingNet, loss: DiscriminativeLoss, device: torch.device, info: DistInfo
+               ) -> tuple[EmbeddingNet, DiscriminativeLoss]:
+    """Model (SyncBatchNorm where asked, channels-last where asked) and loss moved to ``device``."""
+    model = maybe_sync_batchnorm(model, cfg.train.sync_bn, device, info.world_size)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format), loss.to(device)
+
+
+def _loader_options(cfg: Config, device: torch.device, info: DistInfo) -> dict[str, Any]:
+    """Keyword arguments of every loader of the run: processes, pinned memory, this rank's shard."""
+    return dict(workers=loader_workers(cfg, device), pin_memory=device.type == "cuda", rank=info.rank,
+                world_size=info.world_size)
+
+
+def _training_loaders(cfg: Config, data: Data, loss: DiscriminativeLoss, loader_kw: dict[str, Any]):
+    """The training loader (class-balanced when the loss or the config asks) and the val loader (or None).
+
+    Raises:
+        ConfigError: a batch size that does not split over the processes, that the class balance
+            cannot fill, or that is larger than the training split.
+    """
+    world_size = loader_kw["world_size"]
+    if world_size > 1 and cfg.train.batch_size % world_size:
+        raise ConfigError(f"batch_size={cfg.train.batch_size} must be divisible by the {world_size} processes")
+    train_loader = data.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, **loader_kw)
+    samples_per_class = class_balance(cfg, loss)
+    if samples_per_class:  # pair / triplet losses: m images per class in every batch (and on every rank)
+        try:
+            train_loader = BalancedBatchLoader(data.sources["train"], data.labels("train"), cfg.train.batch_size,
+                                               samples_per_class, seed=cfg.train.seed, **loader_kw)
+        except ValueError as error:
+            raise ConfigError(f"loss={cfg.loss.loss!r}: {error}") from None
+    val_split = "val" if "val" in data.index.splits and len(data.index.splits["val"]) else None
+    val_loader = data.loader(val_split, cfg.train.batch_size, shuffle=False, **loader_kw) if val_split else None
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"batch_size={cfg.train.batch_size} is larger than the {len(data.labels('train'))} training images; "
+            "lower batch_size"
+        )
+    return train_loader, val_loader
+
+
+def _step_module(cfg: Config, model: EmbeddingNet, loss: DiscriminativeLoss, device: torch.device,
+                 info: DistInfo) -> nn.Module:
+    """What a training step calls: ``(images, labels) -> (embedding, LossOutput)``.
+
+    The loss joins the DDP module so its parameters (classifier, sgd centers, L-GM means) are
+    synchronised like the network's; paper-mode centers all-reduce inside update_centers().
+    """
+    step_module = _ModelAndLoss(model, loss)
+    if info.enabled:
+        step_module = wrap_ddp(step_module, device)  # no per-step buffer broadcast: see its docstring
+    return torch.compile(step_module) if cfg.train.compile else step_module
+
+
+@dataclass
+class _Progress:
+    """Where a run stands; last.pt carries it, so a resumed run goes on from there."""
+
+    epoch: int = 0  # epochs finished
+    best_top1: float = -1.0  # best val top-1 so far (train top-1 without a val split)
+    best_epoch: int = -1  # its 1-based epoch
+    trace: list[dict[str, Any]] = field(default_factory=list)  # the rows of trace.csv
+
+    def finish_epoch(self, epoch: int, score: float) -> bool:
+        """Mark (0-based) ``epoch`` finished with val top-1 ``score``; True if it is the best so far."""
+        self.epoch = epoch + 1
+        improved = score > self.best_top1
+        if improved:
+            self.best_top1, self.best_epoch = score, epoch + 1
+        return improved
+
+
+class _Checkpoints:
+    """A run's ``last.pt`` (every epoch: all that resume needs) and ``best.pt`` (the best epoch's weights)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, classes: list[str], model: EmbeddingNet, loss: DiscriminativeLoss,
+                 optimizer: torch.optim.Optimizer, center_optimizer: torch.optim.Optimizer | None,
+                 scaler: torch.amp.GradScaler):
+        self.cfg, self.run_dir, self.classes = cfg, run_dir, classes
+        self.model, self.loss, self.optimizer, self.center_optimizer, self.scaler = (
+            model, loss, optimizer, center_optimizer, scaler)
+        self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
+
+    def restore(self, ckpt: dict[str, Any]) -> _Progress:
+        """Put model, loss, optimizers and scaler back where ``ckpt`` (a checked last.pt) stopped."""
+        check_checkpoint_classes(ckpt, self.classes, self.cfg.data.data, self.last_path)
+        self.model.load_state_dict(ckpt["model"])
+        self.loss.load_state_dict(ckpt["loss"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.center_optimizer is not None:
+            self.center_optimizer.load_state_dict(ckpt["center_optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        return _Progress(ckpt["epoch"], ckpt["best_top1"], ckpt["best_epoch"], ckpt["trace"])
+
+    def save(self, run: _Progress, improved: bool, board: RunBoard) -> None:
+        """After epoch ``run.epoch`` (rank 0 only): best.pt if it improved, trace.csv, TensorBoard, last.pt.
+
+        last.pt comes last: a run killed before it is written resumes from the previous epoch,
+        whose trace rows last.pt carries.
+        """
+        weights = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "classes": self.classes,
+                   "model": self.model.state_dict(), "loss": self.loss.state_dict(),
+                   "image_size": self.cfg.data.image_size, "embedding_dim": self.model.embedding_dim}
+        if improved:
+            atomic_torch_save(self.best_path, {**weights, "epoch": run.epoch, "val_top1": run.best_top1})
+        write_trace(self.run_dir / "trace.csv", run.trace)
+        board.log_epoch(run.trace, run.epoch)
+        atomic_torch_save(self.last_path, {
+            **weights, "epoch": run.epoch, "best_top1": run.best_top1, "best_epoch": run.best_epoch,
+            "trace": run.trace, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "center_optimizer": self.center_optimizer.state_dict() if self.center_optimizer is not None else None,
+        })
+
+    def load_best(self) -> None:
+        """Load best.pt into model and loss (rank 0's copy on every rank, also when ``out`` is not shared)."""
+        if self.best_path.exists():
+            best = load_checkpoint(self.best_path)
+            self.model.load_state_dict(best["model"])
+            self.loss.load_state_dict(best["loss"])
+        broadcast_state(self.model)
+        broadcast_state(self.loss)
+
+
+def check_checkpoint_classes(ckpt: dict[str, Any], classes: list[str], data_name: str, path: Path) -> None:
+    """Raise CheckpointError unless ``ckpt`` was trained on ``classes`` in the same order."""
+    if ckpt["classes"] == classes:
+        return
+    only_ckpt = sorted(set(ckpt["classes"]) - set(classes))
+    only_data = sorted(set(classes) - set(ckpt["classes"]))
+    raise CheckpointError(
+        f"{path} was trained on {len(ckpt['classes'])} classes, the data {data_name!r} has "
+        f"{len(classes)}: only in the checkpoint {only_ckpt[:10]}, only in the data {only_data[:10]}"
+        + ("" if only_ckpt or only_data else " (same names, different order)")
+        + "; resume with the data the run was trained on"
+    )
+
+
+def _training_input(cfg: Config, images: torch.Tensor, generator: torch.Generator, model: EmbeddingNet
+                    ) -> torch.Tensor:
+    """A training batch as the network sees it: augmented with the epoch's ``generator``, normalised."""
+    if cfg.train.augment == "none":
+        return eval_transform(images, cfg.data.image_size, cfg.train.channels_last, **normalization(model))
+    return train_transform(images, cfg.data.image_size, generator, channels_last=cfg.train.channels_last,
+                           **augment_options(cfg.train.augment), **normalization(model))
+
+
+def _trace_row(epoch: int, split: str, lr: float, stats: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One trace.csv row for (0-based) ``epoch`` from :func:`summarise_stats` / :func:`evaluate` numbers.
+
+    Columns: epoch (1-based), split, lr, loss, each term, top1, top5, seconds, img_per_s.
+    """
+    return {"epoch": epoch + 1, "split": split, "lr": lr, **{k: v for k, v in stats.items() if k != "n"},
+            "seconds": round(seconds, 3), "img_per_s": round(stats["n"] / max(seconds, 1e-9), 1)}
+
+
+def _epoch_line(epoch: int, epochs: int, train_row: dict[str, Any], val_row: dict[str, Any] | None) -> str:
+    """The log line of (0-based) ``epoch`` from its trace rows."""
+    return (f"epoch {epoch + 1}/{epochs}: train loss {train_row['loss']:.4f} top1 {train_row['top1']:.3f}"
+            + (f" | val loss {val_row['loss']:.4f} top1 {val_row['top1']:.3f}" if val_row is not None else "")
+            + f" | {train_row['img_per_s']:.0f} img/s")
+
+
+def check_weights_finite(model: nn.Module, loss: DiscriminativeLoss, epoch: int, steps_per_epoch: int,
+                         last_path: Path) -> None:
+    """Raise NonFiniteLossError if a weight or buffer turned NaN or infinite during (0-based) ``epoch``.
+
+    A NaN gradient on the epoch's last step leaves non-finite weights behind a finite loss;
+    checked once per epoch, before saving, so that damaged weights never replace the last good last.pt.
+    """
+    damaged = non_finite_tensors(model, loss)
+    if damaged:
+        raise NonFiniteLossError(
+            f"after epoch {epoch + 1} (step {steps_per_epoch} of {steps_per_epoch}) these weights are NaN or "
+            f"infinite: {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}; the run stopped and "
+            f"{kept_checkpoint(last_path, epoch)}. Lower lr or lam, or check the data."
+        )
+
+
+def _final_splits(cfg: Config, data: Data) -> list[str]:
+    """The non-empty splits evaluated from the best checkpoint: val, and test unless ``eval_test=False``."""
+    splits = [s for s in ("val", "test") if s in data.index.splits and len(data.index.splits[s])]
+    return [s for s in splits if cfg.train.eval_test or s != "test"]
+
+
+def _speed_metrics(trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training time and median training speed over the run's epochs (resumed ones included)."""
+    train_rows = [r for r in trace if r["split"] == "train"]
+    return {"train_seconds": round(sum(r["seconds"] for r in train_rows), 2),
+            "train_img_per_s": round(float(np.median([r["img_per_s"] for r in train_rows])), 1) if train_rows else None}
+
+
+def _analyse(cfg: Config, run_dir: Path, model: EmbeddingNet, loss: DiscriminativeLoss, data: Data,
+             metrics: dict[str, Any], device: torch.device, trace: list[dict[str, Any]], progress: bool
+             ) -> dict[str, Any]:
+    """features.npz, feature metrics and figures, then the open-set numbers (``novel_classes``), added to ``metrics``."""
+
+    metrics = analyse_run(run_dir, model, loss, data, cfg, metrics, device=device, figures=cfg.train.figures,
+                          trace=trace, progress=progress)
+    return evaluate_openset(run_dir, model, loss, data, cfg, metrics, device=device, progress=progress)
 
 class _ModelAndLoss(nn.Module):
     """Network and loss as one module, so DDP synchronises both and autocast covers the forward."""

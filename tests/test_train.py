@@ -117,6 +117,44 @@ def test_non_finite_watch_names_the_first_bad_step_when_read_late():
         watch.check(0, 10, "last.pt was kept")
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_distributed_cleanup_runs_whether_or_not_the_run_fails(tmp_path, monkeypatch, fails):
+    """fit() destroys the process group it set up also when training raises (try/finally)."""
+    import foodlib.train as T
+    from foodlib.distributed import DistInfo
+
+    calls = []
+    monkeypatch.setattr(T, "setup_distributed", lambda device: DistInfo(rank=0, world_size=2))
+    monkeypatch.setattr(T, "cleanup_distributed", lambda: calls.append("cleanup"))
+
+    def body(*args, **kwargs):
+        if fails:
+            raise RuntimeError("rank 0 failed in epoch 1")
+        return "result"
+
+    monkeypatch.setattr(T, "_fit", body)
+    cfg = tiny_config(tmp_path)
+    if fails:
+        with pytest.raises(RuntimeError, match="rank 0 failed"):
+            fit(cfg)
+        assert not (tmp_path / "run").exists()  # the folder it created is removed, as before
+    else:
+        assert fit(cfg) == "result"
+    assert calls == ["cleanup"]
+
+
+def test_train_and_val_trace_rows_have_the_same_columns():
+    """One helper builds both rows: the same columns in the same order, times and speeds from its arguments."""
+    from foodlib.train import _trace_row
+
+    stats = {"n": 40, "loss": 1.5, "ce": 1.2, "center": 0.3, "top1": 0.5, "top5": 0.9}
+    train = _trace_row(0, "train", 0.01, stats, 2.0)
+    val = _trace_row(0, "val", 0.01, {**stats, "n": 10}, 0.5)
+    assert list(train) == list(val) == ["epoch", "split", "lr", "loss", "ce", "center", "top1", "top5", "seconds",
+                                        "img_per_s"]
+    assert (train["epoch"], train["img_per_s"], val["img_per_s"]) == (1, 20.0, 20.0)
+
+
 @pytest.mark.slow
 def test_discriminative_losses_make_classes_more_compact_than_softmax(tmp_path):
     """Same data, seed and budget through fit(): the loss falls for every loss, and center, island

@@ -38,6 +38,8 @@ class DiscriminativeLoss(nn.Module):
 
     * :meth:`state_parameters`: learnable class state (centers) that takes its own learning rate
       in ``fit()`` (a second parameter group); all other parameters join the network's group.
+    * :meth:`weight_decay_parameters`: which of those other parameters take the network's weight
+      decay (default: none, since pulling class state towards the origin would fight the loss).
     * :meth:`update_centers`: called by ``fit()`` after each optimizer step with the detached
       batch embedding, for state updated outside autograd (Center Loss Algorithm 1).
     * :meth:`set_progress`: called by ``fit()`` at the start of each epoch, for schedules
@@ -85,6 +87,17 @@ class DiscriminativeLoss(nn.Module):
         raise NotImplementedError
 
     def state_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def weight_decay_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this loss that ``fit()`` decays like the network's weight matrices.
+
+        The default is none: class state (centers, Gaussian means, log-variances, proxies) is what
+        the loss pulls embeddings towards, and decaying it towards the origin would fight the loss.
+        A loss with a plain linear classifier returns its weight matrix (never its bias), as the
+        network's own last layer would be decayed. Parameters in :meth:`state_parameters` have
+        their own optimizer and are never decayed, whatever this returns.
+        """
         return []
 
     @torch.no_grad()

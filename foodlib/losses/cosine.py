@@ -21,7 +21,7 @@ class CosineMarginHead(DiscriminativeLoss):
 
     Learnable state: ``loss.weight`` ``(C, D)``, Xavier-uniform initialised, trained by
     back-propagation with the network's learning rate. Only its direction matters, so ``fit()``'s
-    weight decay (which spares loss parameters other than the soft-max classifier) does not touch it.
+    weight decay does not touch it (the default :meth:`weight_decay_parameters`: none).
     """
 
     term_names = ("ce",)

@@ -69,3 +69,7 @@ class SoftmaxLoss(DiscriminativeLoss):
         self.check_batch(embedding)
         with autocast_off(embedding):
             return self.classifier_logits(embedding.float())  # (N, C)
+
+    def weight_decay_parameters(self) -> list[nn.Parameter]:
+        """The classifier's weight matrix ``(C, D)`` decays like the network's (its bias does not)."""
+        return [self.classifier.weight]
