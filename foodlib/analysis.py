@@ -17,7 +17,7 @@ from foodlib import metrics as M
 from foodlib.config import Config
 from foodlib.features import extract_features, load_features, save_features
 from foodlib import plots as P
-from foodlib.io import atomic_write_json
+from foodlib.files import atomic_write_json
 from foodlib.openset import make_openset_figures
 
 

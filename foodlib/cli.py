@@ -390,7 +390,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     starts fast.
     """
     from foodlib.errors import UserError  # lazy: torch (arguments are parsed before it loads)
-    from foodlib.io import FolderBusyError, NoSpaceError  # lazy: torch (arguments are parsed before it loads)
+    from foodlib.files import FolderBusyError, NoSpaceError  # lazy: torch (arguments are parsed before it loads)
     from foodlib.train import CheckpointError, NonFiniteLossError  # lazy: torch (arguments are parsed before it loads)
 
     return (ValueError, FileNotFoundError, FileExistsError, FolderBusyError, CheckpointError, NonFiniteLossError,

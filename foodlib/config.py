@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from foodlib.errors import ConfigError
-from foodlib.io import atomic_write_text
+from foodlib.files import atomic_write_text
 
 
 # Field metadata, declared once on the fields below (read by runtime_fields() / resume_free_fields()):

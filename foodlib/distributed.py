@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from foodlib.errors import ConfigError
-from foodlib.io import atomic_torch_save
+from foodlib.files import atomic_torch_save
 
 T = TypeVar("T")
 

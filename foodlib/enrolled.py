@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from foodlib.features import load_features
-from foodlib.io import atomic_write
+from foodlib.files import atomic_write
 
 
 ENROLLED_FILE = "enrolled.npz"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from foodlib.io import atomic_write
+from foodlib.files import atomic_write
 
 if TYPE_CHECKING:  # torch is imported where it is used: load_features serves torch-free reports
     import torch

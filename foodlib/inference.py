@@ -44,7 +44,7 @@ from foodlib.enrolled import (ENROLLED_FILE, PRIOR_PHOTOS, EnrolledDishes, add_e
                               enrolled_dishes, enrolled_metadata, merge_dishes, with_enrolled)
 from foodlib.errors import UserError
 from foodlib.features import extract_features, load_features
-from foodlib.io import atomic_write, atomic_write_json, atomic_write_text
+from foodlib.files import atomic_write, atomic_write_json, atomic_write_text
 from foodlib.losses import DiscriminativeLoss, trained_metric
 from foodlib.openset import Neighbours
 from foodlib.runfolder import read_split_file

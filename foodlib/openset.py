@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from foodlib import plots as P
 from foodlib.features import extract_features, load_features, save_features
-from foodlib.io import atomic_write_json, atomic_write_text
+from foodlib.files import atomic_write_json, atomic_write_text
 from foodlib.runfolder import read_split_file
 
 METRICS = ("euclidean", "cosine")

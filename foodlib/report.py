@@ -34,7 +34,7 @@ from foodlib import metrics as M
 from foodlib import plots as P
 from foodlib.runfolder import is_retired
 from foodlib.features import load_features
-from foodlib.io import atomic_write_text
+from foodlib.files import atomic_write_text
 from foodlib.openset import novel_umap
 
 #: test-split metrics of the summary table, in column order, with their labels.

@@ -15,7 +15,7 @@ import yaml
 
 from foodlib.config import Config, ConfigError, resume_free_fields
 from foodlib.messages import logger
-from foodlib.io import LOCK_NAME, folder_lock
+from foodlib.files import LOCK_NAME, folder_lock
 
 #: Files a run writes once it has trained (any one of them means: results live here).
 RESULT_FILES = ("last.pt", "best.pt", "metrics.json", "trace.csv", "features.npz")

@@ -49,7 +49,7 @@ import yaml
 
 from foodlib.config import Config, ConfigError, runtime_fields
 from foodlib.gpu_slots import GpuSlots, kernel_manager_with_env
-from foodlib.io import FolderBusyError, atomic_write_json, folder_lock
+from foodlib.files import FolderBusyError, atomic_write_json, folder_lock
 from foodlib.messages import logger
 from foodlib.runfolder import retire_run_folder
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 from foodlib import suite as S
 from foodlib.messages import logger
-from foodlib.io import atomic_write_text
+from foodlib.files import atomic_write_text
 
 CLAIMS_DIR = ".claims"  # inside the suite folder; not inside run folders, which a stale rerun may clear
 COMPARE_CLAIM = "_compare"

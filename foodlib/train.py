@@ -39,7 +39,7 @@ from foodlib.analysis import analyse_run
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
                                  setup_distributed, wrap_ddp)
-from foodlib.io import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
+from foodlib.files import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss, loss_options
 from foodlib.messages import logger
 from foodlib.models import EmbeddingNet, create_model
@@ -357,7 +357,7 @@ def fit(cfg: Config, data: Data | None = None, on_epoch: Callable[[int, list[dic
     features, feature metrics and figures (``features`` / ``figures`` config switches).
 
     One fit() writes a run folder at a time: a second one aimed at the same ``out`` (another
-    notebook, terminal or suite) fails at once with :class:`~foodlib.io.FolderBusyError`.
+    notebook, terminal or suite) fails at once with :class:`~foodlib.files.FolderBusyError`.
 
     ``on_epoch(epoch, trace)`` (optional) is called after each epoch's checkpoints are saved, with
     the 1-based epoch and every trace row so far (resumed epochs included); an exception it raises

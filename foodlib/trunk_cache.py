@@ -44,7 +44,7 @@ from foodlib.data import Data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
 from foodlib.data.cache import build_lock, cache_key
 from foodlib.data.loader import BatchLoader, ImageSource
-from foodlib.io import atomic_write_json, cache_folder
+from foodlib.files import atomic_write_json, cache_folder
 from foodlib.trainable import trunk_is_frozen
 
 TRUNK_CACHE_VERSION = 1  # bump when the view drawing or the stored layout changes

@@ -78,10 +78,10 @@ import yaml
 from filelock import FileLock
 
 from foodlib.config import Config, ConfigError
-from foodlib.io import atomic_write_text
+from foodlib.files import atomic_write_text
 from foodlib.suite import RUNTIME_FIELDS, SUITE_FIELDS, SuiteError, SuiteSpec, load_suite
 from foodlib.messages import logger
-from foodlib.io import atomic_write_json
+from foodlib.files import atomic_write_json
 
 SEARCH_KEYS = ("trials", "objective", "direction", "seed", "startup_trials", "pruner", "shared", "losses")
 PRUNER_KEYS = ("startup_trials", "warmup_epochs")

@@ -22,7 +22,7 @@ from conftest import rewrite_training_forward, tiny_config
 from foodlib.cli import main as cli_main
 from foodlib.config import Config, ConfigError
 from foodlib.data import BadFilesError
-from foodlib.io import (LOCK_NAME, FolderBusyError, atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text,
+from foodlib.files import (LOCK_NAME, FolderBusyError, atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text,
                         folder_lock, remove_stale_temp_files)
 from foodlib.losses import LossOutput, create_loss
 from foodlib.models import create_model
@@ -134,7 +134,7 @@ def test_remove_stale_temp_files_removes_only_what_atomic_write_leaves(tmp_path)
 
 HOLD_LOCK = """
 import sys, time
-from foodlib.io import folder_lock
+from foodlib.files import folder_lock
 with folder_lock(sys.argv[1], "a test holder"):
     print("locked", flush=True)
     time.sleep(60)
@@ -895,9 +895,9 @@ def test_full_disk_during_cache_build_is_named_instead_of_a_sigbus(tmp_path, mon
     import errno
     from collections import namedtuple
 
-    import foodlib.io as io_module
+    import foodlib.files as io_module
     from foodlib.data.cache import build_cache
-    from foodlib.io import NoSpaceError
+    from foodlib.files import NoSpaceError
 
     paths = small_photos(tmp_path / "photos")
 
@@ -919,8 +919,8 @@ def test_full_disk_during_cache_build_is_named_instead_of_a_sigbus(tmp_path, mon
 def test_full_disk_during_checkpoint_save_keeps_the_old_one_and_names_the_disk(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    import foodlib.io as io_module
-    from foodlib.io import NoSpaceError
+    import foodlib.files as io_module
+    from foodlib.files import NoSpaceError
 
     path = tmp_path / "last.pt"
     atomic_torch_save(path, {"w": torch.ones(4)})
@@ -941,7 +941,7 @@ def test_full_disk_during_checkpoint_save_keeps_the_old_one_and_names_the_disk(t
 def test_full_disk_through_the_cli_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
     from collections import namedtuple
 
-    import foodlib.io as io_module
+    import foodlib.files as io_module
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))

@@ -15,7 +15,7 @@ import yaml
 import foodlib.suite as S
 from foodlib.cli import main as cli_main
 from foodlib.config import Config
-from foodlib.io import FolderBusyError, folder_lock
+from foodlib.files import FolderBusyError, folder_lock
 
 TINY_BASE = {"data": "dishes", "dishes_classes": 3, "dishes_per_class": 30, "image_size": 32, "backbone": "smallcnn",
              "epochs": 1, "batch_size": 8, "workers": 0}

@@ -24,7 +24,7 @@ from foodlib.data.food101 import index_food101, is_food101_root
 from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.data.novel import NOVEL_SPLIT, hold_out_classes
 from foodlib.data.scan import scan_cached
-from foodlib.io import atomic_write_json, atomic_write_text, cache_folder
+from foodlib.files import atomic_write_json, atomic_write_text, cache_folder
 
 __all__ = [
     "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource",

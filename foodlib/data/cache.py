@@ -38,7 +38,7 @@ from filelock import FileLock
 
 from foodlib.data.checksum import block_checksums, first_bad_block
 from foodlib.data.images import ImageDecodeError, load_image_array
-from foodlib.io import (atomic_write_json, atomic_write_text, cache_folder, check_free_space, no_space_error,
+from foodlib.files import (atomic_write_json, atomic_write_text, cache_folder, check_free_space, no_space_error,
                         read_json_or_none)
 from foodlib.messages import logger
 
@@ -278,7 +278,7 @@ class CacheEntry:
 
 
 def list_caches(cache_dir: str | Path | None = None) -> list[CacheEntry]:
-    """Every decoded cache under ``cache_dir`` (default: :func:`foodlib.io.cache_folder`), newest use first.
+    """Every decoded cache under ``cache_dir`` (default: :func:`foodlib.files.cache_folder`), newest use first.
 
     Checking whether a cache is current stats every file it was built from (a fraction of a second
     for 30,000 photos). Caches removed while this runs are left out.

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from foodlib.io import building_dir, cache_folder, check_replaceable, read_json_or_none, swap_in
+from foodlib.files import building_dir, cache_folder, check_replaceable, read_json_or_none, swap_in
 
 #: bump when the way images are written changes, so written folders are rebuilt.
 DIGITS_VERSION = 1
@@ -58,7 +58,7 @@ def digits_arrays(image_size: int = 32, resample: str = "bilinear") -> tuple[np.
 
 
 def default_digits_root(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> Path:
-    """``<cache>/digits-<size>-<test %>-<seed>``, ``<cache>`` from :func:`foodlib.io.cache_folder`.
+    """``<cache>/digits-<size>-<test %>-<seed>``, ``<cache>`` from :func:`foodlib.files.cache_folder`.
 
     >>> default_digits_root(32).name
     'digits-32px-test20-seed0'

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foodlib.io import building_dir, cache_folder, check_replaceable, swap_in
+from foodlib.files import building_dir, cache_folder, check_replaceable, swap_in
 from PIL import Image, ImageFilter
 
 #: bump when the rendering changes, so written datasets and caches keyed on the spec are rebuilt.
@@ -544,7 +544,7 @@ def _sprinkle(rng, food, food_alpha, colour, second, count):
 def default_dishes_root(spec: DishesSpec | None = None) -> Path:
     """Where :func:`write_dishes` puts a spec by default: ``<cache>/dishes-<hash of spec>``.
 
-    ``<cache>``: :func:`foodlib.io.cache_folder` (``$FOODLIB_CACHE``, else ``~/.cache/foodlib``).
+    ``<cache>``: :func:`foodlib.files.cache_folder` (``$FOODLIB_CACHE``, else ``~/.cache/foodlib``).
 
     >>> default_dishes_root(DishesSpec()).name.startswith("dishes-")
     True

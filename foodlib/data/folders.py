@@ -24,7 +24,7 @@ import numpy as np
 
 from foodlib.data.images import IMAGE_EXTENSIONS
 from foodlib.data.walk import walk_files
-from foodlib.io import atomic_write_text
+from foodlib.files import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 

@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from foodlib.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from foodlib.data.walk import walk_files
-from foodlib.io import cache_folder
+from foodlib.files import cache_folder
 
 #: split folder names recognised under the root, in report order.
 SPLIT_NAMES = ("train", "val", "test")
@@ -487,7 +487,7 @@ def scan_cached(
 
     The key covers every file's relative path, size and modification time, the class folders and
     the scan options, so any change triggers a fresh scan. Reports live in
-    ``cache_dir/scan-<key>.json`` (default ``<cache folder>/scans``, :func:`foodlib.io.cache_folder`).
+    ``cache_dir/scan-<key>.json`` (default ``<cache folder>/scans``, :func:`foodlib.files.cache_folder`).
 
     Args:
         root: dataset folder.
