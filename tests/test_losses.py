@@ -793,7 +793,8 @@ def test_unknown_option_is_an_error_unless_not_strict():
     ("center", {"update": "adam"}, r"update must be one of 'paper', 'sgd', got update='adam'"),
     ("lgm", {"alpha": -0.1}, r"LGMLoss: alpha must be a number in \[0.0, inf\), got alpha=-0.1"),
     ("lgm", {"covariance": "full"}, r"covariance must be one of 'identity', 'diagonal', got covariance='full'"),
-    ("lgm", {"lam": float("nan")}, r"lam must be a number .* got lam=nan"),
+    ("lgm", {"lam": float("nan")}, r"lam=nan must be a finite number"),
+    ("center", {"lam": float("inf")}, r"lam=inf must be a finite number"),
     ("island", {"lam_island": -1}, r"lam_island must be a number in \[0.0, inf\), got lam_island=-1"),
 ])
 def test_invalid_values_name_the_value(name, options, message):

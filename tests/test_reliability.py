@@ -368,11 +368,12 @@ CONFIG_ERRORS = [
     (dict(loss="arcfase"), ["loss='arcfase'", "arcface", "center", "island", "lgm", "softmax"]),
     (dict(backbone="resnet99"), ["backbone='resnet99'", "resnet18", "resnet50", "smallcnn", "timm/<name>"]),
     (dict(optimizer="adam"), ["optimizer='adam'", "adagrad", "adamw", "sgd"]),
-    (dict(lam=-0.1), ["lam=-0.1", "[0.0, inf]"]),
-    (dict(loss="center", alpha=1.5), ["alpha=1.5", "(0, 1]"]),
-    (dict(loss="island", alpha=0.0), ["alpha=0.0", "(0, 1]"]),
+    (dict(loss="center", lam=-0.1), ["lam=-0.1", "[0.0, inf)"]),
+    (dict(loss="center", alpha=1.5), ["alpha=1.5", "(0.0, 1.0]"]),
+    (dict(loss="island", alpha=0.0), ["alpha=0.0", "(0.0, 1.0]"]),
     (dict(embedding_dim=1), ["embedding_dim=1", ">= 2"]),
-    (dict(lam=float("nan")), ["lam=nan"]),
+    (dict(loss="center", lam=float("nan")), ["lam=nan"]),
+    (dict(lam=0.1), ["lam=0.1", "'softmax' takes label_smoothing"]),  # an option softmax does not take
 ]
 
 

@@ -157,12 +157,12 @@ def test_check_resume_config_allows_settings_that_do_not_change_training(change)
 
 
 def test_check_resume_config_reads_a_field_missing_from_an_older_run_as_its_default():
-    saved = Config.from_flat(epochs=3).to_dict()
+    saved = Config.from_flat(epochs=3, loss="center").to_dict()
     del saved["loss"]["lam_warmup_epochs"]  # as if the run predates the field
     saved["train"]["retired_option"] = 1  # a field foodlib no longer has
-    check_resume_config(saved, Config.from_flat(epochs=3), Path("last.pt"))
+    check_resume_config(saved, Config.from_flat(epochs=3, loss="center"), Path("last.pt"))
     with pytest.raises(ConfigError, match=r"lam_warmup_epochs=2 \(the run used 0\)"):
-        check_resume_config(saved, Config.from_flat(epochs=3, lam_warmup_epochs=2), Path("last.pt"))
+        check_resume_config(saved, Config.from_flat(epochs=3, loss="center", lam_warmup_epochs=2), Path("last.pt"))
 
 
 # ----- SIGKILL of a real training process ------------------------------------------------------

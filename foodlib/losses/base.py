@@ -8,6 +8,8 @@ variances), as face-recognition heads do; the model only maps images to embeddin
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from numbers import Real
 
@@ -136,9 +138,11 @@ def check_number(owner: str, name: str, value, low: float, high: float = float("
                  low_open: bool = False, hint: str = "") -> None:
     """Raise a ValueError naming ``owner``, ``name`` and ``value`` unless low <= value <= high.
 
-    ``low_open`` makes the lower bound strict. NaN and non-numbers are rejected too.
+    ``low_open`` makes the lower bound strict. NaN, infinities and non-numbers are rejected too.
     """
     is_number = isinstance(value, Real) and not isinstance(value, bool)
+    if is_number and not math.isfinite(value):
+        raise ValueError(f"{owner}: {name}={value!r} must be a finite number" + (f"; {hint}" if hint else ""))
     above = is_number and (value > low if low_open else value >= low)
     if not (above and value <= high):
         interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != float('inf') else ')'}"
