@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from foodlib.data.images import RESAMPLING
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875  # eval crop / stored side, the usual 224/256
@@ -31,9 +33,6 @@ CROP_FRACTION = 0.875  # eval crop / stored side, the usual 224/256
 def cache_side(image_size: int) -> int:
     """Side of the stored (cached) square for a network input of ``image_size`` (64 -> 73, 224 -> 256)."""
     return int(round(image_size / CROP_FRACTION))
-
-
-RESAMPLINGS = ("bilinear", "bicubic")  # grid_sample modes a backbone's weights may ask for
 
 
 def normalization(model) -> dict:
@@ -49,8 +48,9 @@ def normalization(model) -> dict:
 
 
 def _check_resampling(interpolation: str) -> None:
-    if interpolation not in RESAMPLINGS:
-        raise ValueError(f"interpolation={interpolation!r} is not supported; choose one of {', '.join(RESAMPLINGS)}")
+    """The decode's resamplings (bilinear, bicubic) are grid_sample modes of the same names."""
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"interpolation={interpolation!r} is not supported; choose one of {', '.join(RESAMPLING)}")
 
 
 @functools.lru_cache(maxsize=None)

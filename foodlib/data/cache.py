@@ -142,9 +142,8 @@ def build_cache(
         os.replace(tmp_file, data_file)
         atomic_write_text(folder / f"{key}.paths", "".join(f"{p}\n" for p in paths))  # for `foodlib cache`
         atomic_write_json(meta_file, {"side": side, "interpolation": interpolation, "n": len(paths), "errors": errors,
-                                      "version": CACHE_VERSION,
-                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                      "blocks": blocks})
+                                      "version": CACHE_VERSION, "root": source_root(paths),
+                                      "built": time.strftime("%Y-%m-%d %H:%M:%S"), "blocks": blocks})
         _VERIFIED.add(_identity(data_file))
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
         return DecodedImages(paths, array, errors, str(data_file))
