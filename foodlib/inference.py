@@ -2,7 +2,8 @@
 
 Every function takes a run folder (or an :class:`InferenceRun` loaded once) and uses the run's best
 checkpoint with exactly the run's evaluation preprocessing: ``load_image_array(path,
-cache_side(image_size))`` (the decode the cache uses) then ``eval_transform`` and
+cache_side(image_size), interpolation)`` (the decode the cache uses, with the backbone's
+resampling) then ``eval_transform`` and
 ``loss.predict``, through the same :func:`~foodlib.features.extract_features` that wrote the
 run's ``features.npz``. Unreadable files are skipped and listed, never fatal.
 
@@ -112,6 +113,11 @@ class InferenceRun:
         return cache_side(self.image_size)
 
     @property
+    def interpolation(self) -> str:
+        """The decode's resampling, ``"bilinear"`` or ``"bicubic"``: the backbone's, as in training."""
+        return normalization(self.model)["interpolation"]
+
+    @property
     def amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype fit() used for evaluation on this device (None: float32)."""
         return autocast_dtype(self.cfg.train.amp, self.device)
@@ -170,10 +176,12 @@ class _DecodedBatches:
     not decode land in ``skipped`` (path -> reason); ``kept`` lists, in order, the files that did.
     """
 
-    def __init__(self, paths: list[str], side: int, batch_size: int, threads: int | None = None):
+    def __init__(self, paths: list[str], side: int, batch_size: int, threads: int | None = None,
+                 interpolation: str = "bilinear"):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.paths, self.side, self.batch_size = paths, side, batch_size
+        self.interpolation = interpolation
         self.threads = threads or min(8, os.cpu_count() or 1)
         self.kept: list[str] = []
         self.skipped: dict[str, str] = {}
@@ -183,7 +191,7 @@ class _DecodedBatches:
 
     def _decode(self, path: str) -> np.ndarray | str:
         try:
-            return load_image_array(path, self.side)  # (S, S, 3) uint8: the cache's decode
+            return load_image_array(path, self.side, self.interpolation)  # (S, S, 3) uint8: the cache's decode
         except ImageDecodeError as error:
             return error.reason
         except OSError as error:  # vanished, unreadable permissions, a folder...
@@ -324,7 +332,7 @@ def _short_names(paths: list[str]) -> list[str]:
 
 
 def _infer(run: InferenceRun, paths: list[str], batch_size: int, progress: bool, desc: str) -> Predictions:
-    batches = _DecodedBatches(paths, run.side, batch_size)
+    batches = _DecodedBatches(paths, run.side, batch_size, interpolation=run.interpolation)
     try:
         # The very function fit() wrote features.npz with: eval_transform, autocast, loss.predict.
         features = extract_features(run.model, run.loss, batches, run.image_size, run.device, run.amp_dtype,
@@ -665,8 +673,9 @@ def export_metadata(run: InferenceRun) -> dict[str, str]:
         "image_size": run.image_size,
         "resize_side": run.side,
         "crop_fraction": CROP_FRACTION,
-        "resize": "resize the short side to resize_side (bilinear, antialiased), take the center square, "
-                  "then the center image_size crop (image_size = crop_fraction * resize_side)",
+        "resize": f"resize the short side to resize_side ({run.interpolation}, antialiased), take the center "
+                  "square, then the center image_size crop (image_size = crop_fraction * resize_side)",
+        "interpolation": run.interpolation,  # the resize's resampling (PIL's, antialiased when shrinking)
         "mean": list(normalization(run.model)["mean"]),
         "std": list(normalization(run.model)["std"]),
         "weights_interpolation": getattr(getattr(run.model, "preprocessing", None), "interpolation", "bilinear"),

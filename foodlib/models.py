@@ -23,9 +23,12 @@ from foodlib.errors import PretrainedWeightsError
 class Preprocessing:
     """How a backbone's weights expect their pixels: ``(pixel / 255 - mean) / std`` at about ``native_size``.
 
-    ``interpolation`` is the resampling the weights were trained with (timm's data config); foodlib's
-    decode and crop use antialiased bilinear resampling for every backbone, which differs from
-    bicubic by less than the JPEG noise at these sizes. Exported models carry this record.
+    ``interpolation`` is the resampling the weights were trained with (timm's data config):
+    ``"bilinear"`` or ``"bicubic"``. A run resamples with it everywhere: the decode into the
+    decoded-image cache (antialiased, Pillow; part of the cache's key), the random resized crop of
+    augmentation (``grid_sample``), the trunk cache, predict / embed and export
+    (``preprocessing.json``). torchvision's ResNets and the small CNN are bilinear; EfficientNet-Lite
+    and most timm weights bicubic. Exported models carry this record.
     """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean (torchvision weights)
@@ -324,12 +327,26 @@ def backbone_preprocessing(name: str) -> Preprocessing:
             import timm
 
             cfg = timm.get_pretrained_cfg(name.split("/", 1)[1])
-            if cfg is not None:
-                return Preprocessing(tuple(cfg.mean), tuple(cfg.std), cfg.interpolation or "bilinear",
-                                     int(cfg.input_size[-1]))
         except (ImportError, RuntimeError, AttributeError):
-            pass
+            cfg = None
+        if cfg is not None:
+            return Preprocessing(tuple(cfg.mean), tuple(cfg.std), _resampling(name, cfg.interpolation),
+                                 int(cfg.input_size[-1]))
     return IMAGENET
+
+
+def _resampling(name: str, interpolation: str | None) -> str:
+    """foodlib's resampling for a timm data config's ``interpolation``: bilinear or bicubic.
+
+    An empty value means timm's default (bilinear); ``"random"`` (timm's per-image choice while
+    training) is taken as bilinear. Others (nearest, lanczos...) are refused.
+    """
+    value = (interpolation or "bilinear").lower()
+    value = "bilinear" if value == "random" else value
+    if value not in ("bilinear", "bicubic"):
+        raise ValueError(f"backbone {name!r}: its weights were trained with {interpolation!r} resampling, which "
+                         "foodlib does not do (only bilinear or bicubic); choose another timm model")
+    return value
 
 
 def list_models(include_timm: bool = False) -> list[str]:

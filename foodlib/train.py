@@ -22,7 +22,7 @@ import re
 import subprocess
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,7 @@ from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_sta
 from foodlib.files import atomic_torch_save, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temp_files
 from foodlib.losses import DiscriminativeLoss, create_loss, loss_options
 from foodlib.messages import logger
-from foodlib.models import EmbeddingNet, create_model
+from foodlib.models import EmbeddingNet, backbone_preprocessing, create_model
 from foodlib.openset import evaluate_openset
 from foodlib.runtime import autocast_dtype, describe_device_and_precision, loader_workers, resolve_device
 from foodlib.runfolder import check_resume_config, check_run_folder, check_writable
@@ -245,7 +245,17 @@ def read_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} lacks {missing} and cannot be resumed; it is not a foodlib last.pt")
     check_resume_config(ckpt["config"], cfg, path)
+    trained, now = checkpoint_interpolation(ckpt), backbone_preprocessing(cfg.model.backbone).interpolation
+    if trained != now:
+        raise CheckpointError(f"{path} was trained on {trained}-resampled images (an older foodlib); this foodlib "
+                              f"resamples {cfg.model.backbone} {now}, as its weights expect: finish the run with the "
+                              "foodlib that started it, or start it afresh with --overwrite")
     return ckpt
+
+
+def checkpoint_interpolation(ckpt: dict[str, Any]) -> str:
+    """The resampling a checkpoint's run decoded and augmented with; bilinear before it was recorded."""
+    return ckpt.get("interpolation", "bilinear")
 
 
 def _first_line(error: BaseException) -> str:
@@ -648,7 +658,8 @@ class _Checkpoints:
         """
         weights = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "classes": self.classes,
                    "model": self.model.state_dict(), "loss": self.loss.state_dict(),
-                   "image_size": self.cfg.data.image_size, "embedding_dim": self.model.embedding_dim}
+                   "image_size": self.cfg.data.image_size, "embedding_dim": self.model.embedding_dim,
+                   "interpolation": normalization(self.model)["interpolation"]}
         if improved:
             atomic_torch_save(self.best_path, {**weights, "epoch": run.epoch, "val_top1": run.best_top1})
         write_trace(self.run_dir / "trace.csv", run.trace)
@@ -766,6 +777,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str | tor
     ckpt = load_checkpoint(Path(run_dir) / checkpoint)
     cfg = Config.from_dict(ckpt["config"])
     model, loss = build_model_and_loss(cfg.with_overrides(pretrained=False), len(ckpt["classes"]))
+    # the resampling the run was trained with (older runs: bilinear), which predict and export then use
+    model.preprocessing = replace(model.preprocessing, interpolation=checkpoint_interpolation(ckpt))
     model.load_state_dict(ckpt["model"])
     loss.load_state_dict(ckpt["loss"])
     device = torch.device(device)

