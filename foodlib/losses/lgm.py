@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from foodlib.distributed import all_reduce_sum
+
 from .base import DiscriminativeLoss, LossOutput, autocast_off, check_choice, check_number, linear_ramp
 
 COVARIANCES = ("identity", "diagonal")
@@ -164,8 +166,6 @@ class LGMLoss(DiscriminativeLoss):
 
         ``fit()`` never calls this: :meth:`forward` does, on the first training batch.
         """
-        from foodlib.distributed import all_reduce_sum  # lazy: keeps the torch.distributed helpers out of plain loss use
-
         num_classes, dim = self.num_classes, self.embedding_dim
         x64 = x.detach().double()  # (N, D)
         means = self.means.detach().double()  # (C, D), in units of s (s = 1 before the start)
