@@ -292,8 +292,8 @@ def umap_scatter(coords_or_emb, labels, class_names: Sequence[str] | None = None
 
 
 def umap_grid(panels: Sequence[tuple[str, Any, Any]], class_names: Sequence[str] | None = None,
-              panel_size: float = 4.5, **scatter_kwargs) -> Figure:
-    """A 1 x N row of :func:`umap_scatter` panels, e.g. one per loss on the same test set.
+              panel_size: float = 4.5, max_columns: int = 4, **scatter_kwargs) -> Figure:
+    """:func:`umap_scatter` panels, e.g. one per loss on the same test set, ``max_columns`` to a row.
 
     Colours follow the class index, so a class has the same colour in every panel. Up to 20 classes
     one shared legend sits under the row; beyond that each panel names classes at their means.
@@ -302,6 +302,8 @@ def umap_grid(panels: Sequence[tuple[str, Any, Any]], class_names: Sequence[str]
         panels: ``[(title, coords (N, 2) or embeddings (N, D), labels (N,)), ...]``.
         class_names: names of all C classes.
         panel_size: width and height of each panel, inches.
+        max_columns: panels per row; more panels wrap onto further rows (a figure stays readable
+            at page width).
         **scatter_kwargs: passed to :func:`umap_scatter` (``annotate``, ``point_size``, ``umap_kwargs``).
 
     >>> rng = np.random.default_rng(0); y = np.arange(90) % 3
@@ -312,8 +314,12 @@ def umap_grid(panels: Sequence[tuple[str, Any, Any]], class_names: Sequence[str]
         raise ValueError("panels is empty; pass [(title, coords, labels), ...] with at least one entry.")
     n_classes = _n_classes(np.concatenate([np.asarray(p[2]) for p in panels]), class_names)
     names = _class_names(class_names, n_classes)  # one class count for all panels: one palette
-    fig = Figure(figsize=(panel_size * len(panels), panel_size + 0.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    n_cols = min(len(panels), max(1, max_columns))
+    n_rows = -(-len(panels) // n_cols)
+    fig = Figure(figsize=(panel_size * n_cols, panel_size * n_rows + 0.6), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        fig.delaxes(ax)  # the empty cells of the last row
     for ax, (title, coords, labels) in zip(axes, panels):
         umap_scatter(coords, labels, class_names=names, ax=ax, title=title, legend=None, **scatter_kwargs)
     handles = _mark_handles()

@@ -299,4 +299,4 @@ def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
             views = trunk_features(source=source, augment=cfg.train.augment, views=cfg.data.trunk_views,
                                    desc=f"trunk train x{cfg.data.trunk_views}", **common)
         sources[split] = FeatureSource(clean, views)
-    return FeatureData(data.index, data.side, sources, data.bad_files, interpolation=data.interpolation)
+    return FeatureData(data.index, data.side, sources, data.bad_files, novel=data.novel, interpolation=data.interpolation)

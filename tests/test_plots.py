@@ -320,3 +320,13 @@ def test_umap_embed_real_run_is_reproducible_and_keeps_classes_apart(tmp_path):
     np.testing.assert_array_equal(coords, P.umap_embed(emb, random_state=0, n_epochs=50))
     # well-separated classes stay separated: 1-NN in the layout recovers every label
     assert KNeighborsClassifier(1).fit(coords[::2], labels[::2]).score(coords[1::2], labels[1::2]) == 1.0
+
+
+def test_umap_grid_wraps_many_panels_into_rows():
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    panels = [(f"loss {i}", rng.normal(size=(60, 2)), y) for i in range(7)]
+    fig = P.umap_grid(panels, max_columns=4)
+    assert len(fig.axes) == 7  # 4 + 3: the empty eighth cell is removed
+    width, height = fig.get_size_inches()
+    assert width == pytest.approx(4 * 4.5) and height > 2 * 4.5

@@ -144,3 +144,21 @@ def test_head_only_fit_on_cached_features_matches_the_live_trunk(tmp_path):
         assert abs(cached.metrics[split]["loss"] - live.metrics[split]["loss"]) < 1e-3
         assert cached.metrics[split]["top1"] == live.metrics[split]["top1"]
     assert type(cached.data).__name__ == "FeatureData" and type(live.data).__name__ == "Data"
+
+
+def test_held_out_classes_are_evaluated_with_the_trunk_cache(tmp_path):
+    """novel_classes with trainable=head: the held-out pool goes through the cache too and the
+    run gets its open-set section (it was silently dropped once: FeatureData lost data.novel)."""
+    from conftest import tiny_config
+
+    import foodlib
+
+    common = dict(trainable="head", embedding_dim=8, augment="none", device="cpu", amp="off", figures=False,
+                  cache_dir=str(tmp_path / "cache"), novel_classes=2, dishes_classes=5, loss="center")
+    cached = foodlib.fit(tiny_config(tmp_path / "a", trunk_cache=True, **common))
+    live = foodlib.fit(tiny_config(tmp_path / "b", trunk_cache=False, **common))
+    assert type(cached.data).__name__ == "FeatureData"
+    assert cached.data.novel is not None and (tmp_path / "a" / "run" / "novel_features.npz").is_file()
+    assert cached.metrics["novel"]["held_out"] == live.metrics["novel"]["held_out"]
+    for key in ("map_at_r", "precision_at_1"):
+        assert abs(cached.metrics["novel"][key] - live.metrics["novel"][key]) < 0.05, key  # float16 cache
