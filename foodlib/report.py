@@ -463,8 +463,13 @@ def novel_umap_grid_figure(rows: list[dict[str, Any]]) -> Figure | None:
             chosen.append(run)
     if not chosen:
         return None
-    fig = Figure(figsize=(5.2 * len(chosen), 4.6), layout="constrained")
-    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    n_cols = min(len(chosen), 4)  # wrap: seven losses in one row are unreadable at page width
+    n_rows = -(-len(chosen) // n_cols)
+    fig = Figure(figsize=(5.2 * n_cols, 4.6 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(chosen):]:
+        fig.delaxes(ax)
+    axes = axes[:len(chosen)]
     for ax, run in zip(axes, chosen):
         novel, known = load_features(run["run_dir"] / "novel_features.npz"), load_features(run["run_dir"] / "features.npz")
         split = "test" if "test" in known else "val"
@@ -472,8 +477,10 @@ def novel_umap_grid_figure(rows: list[dict[str, Any]]) -> Figure | None:
         novel_umap(known[split]["embeddings"], novel["novel"]["embeddings"], novel["novel"]["labels"],
                    novel["classes"], ax=ax, cache_path=run["run_dir"] / "umap_novel.npz",
                    title=f"{run['variant']} (seed {run['seed']}{score})")
-        if ax is not axes[-1]:
-            ax.get_legend().remove()  # one legend, on the last panel: the dishes are the same in every panel
+        ax.get_legend().remove()  # one legend for the figure: the dishes are the same in every panel
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=9, markerscale=2,
+               frameon=False)
     fig.suptitle("held-out dishes (colours), never trained on, over the known classes' test images (grey)", fontsize=10)
     return fig
 
