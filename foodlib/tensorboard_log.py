@@ -140,7 +140,6 @@ class RunBoard:
         """The projector's tensors, labels and sprite for each split of :data:`PROJECTOR_SPLITS`; returns them."""
         import torch
 
-
         features = load_features(features_path)
         classes = features.get("classes", [])
         shown = []
@@ -198,7 +197,10 @@ def thumbnails(data, split: str, rows: np.ndarray, side: int = THUMBNAIL_SIDE):
     source = getattr(data, "sources", {}).get(split) if data is not None else None
     if source is None or len(source) < (int(rows.max()) + 1 if len(rows) else 0):
         return None
-    images = torch.from_numpy(source.get_batch(rows)).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
+    batch = source.get_batch(rows)
+    if batch.ndim != 4:  # cached trunk features (trainable=head), not images: the projector shows points only
+        return None
+    images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
     if images.shape[-1] != side:
         images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return images.clamp(0, 1)

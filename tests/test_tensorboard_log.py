@@ -119,3 +119,17 @@ def test_disabled_board_is_a_no_op(tmp_path):
     board.close()
     assert not (tmp_path / TENSORBOARD_DIR).exists()
     json.dumps(hparam_values(tiny_config(tmp_path)))  # plain values only
+
+
+def test_a_trunk_cache_run_gets_its_projector_without_thumbnails(tmp_path):
+    """trainable=head trains on cached trunk features: no images to draw, but the projector's points
+    and labels are written (the thumbnails once crashed the end-of-run summary there)."""
+    import warnings
+
+    cfg = tiny_config(tmp_path, trainable="head", embedding_dim=8, augment="none", cache_dir=str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a failed summary is a UserWarning
+        result = fit(cfg)
+    logdir = result.run_dir / TENSORBOARD_DIR
+    config = (logdir / "projector_config.pbtxt").read_text()
+    assert 'tensor_name: "test:' in config and "sprite" not in config
