@@ -194,11 +194,13 @@ def thumbnails(data, split: str, rows: np.ndarray, side: int = THUMBNAIL_SIDE):
     import torch
     import torch.nn.functional as F
 
-    source = getattr(data, "sources", {}).get(split) if data is not None else None
+    # a trunk-cache run trains on features; its decoded images are kept beside them (image_sources)
+    sources = getattr(data, "image_sources", None) or getattr(data, "sources", {}) if data is not None else {}
+    source = sources.get(split)
     if source is None or len(source) < (int(rows.max()) + 1 if len(rows) else 0):
         return None
     batch = source.get_batch(rows)
-    if batch.ndim != 4:  # cached trunk features (trainable=head), not images: the projector shows points only
+    if batch.ndim != 4:  # features, not images: the projector shows points only
         return None
     images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
     if images.shape[-1] != side:

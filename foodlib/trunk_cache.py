@@ -31,7 +31,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -268,7 +268,11 @@ class FeatureData(Data):
     """A :class:`~foodlib.data.Data` whose sources are cached trunk features (see the module docstring).
 
     ``loader(split, shuffle=True)`` gives augmented views, ``shuffle=False`` the clean view.
+    ``image_sources`` keeps the decoded images of each split, for pictures of the data (the
+    TensorBoard projector's thumbnails).
     """
+
+    image_sources: dict = field(default_factory=dict)
 
     def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, **kw) -> FeatureLoader:
         kw.setdefault("drop_last", shuffle)
@@ -299,4 +303,5 @@ def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
             views = trunk_features(source=source, augment=cfg.train.augment, views=cfg.data.trunk_views,
                                    desc=f"trunk train x{cfg.data.trunk_views}", **common)
         sources[split] = FeatureSource(clean, views)
-    return FeatureData(data.index, data.side, sources, data.bad_files, novel=data.novel, interpolation=data.interpolation)
+    return FeatureData(data.index, data.side, sources, data.bad_files, novel=data.novel, interpolation=data.interpolation,
+                       image_sources=dict(data.sources))

@@ -121,9 +121,9 @@ def test_disabled_board_is_a_no_op(tmp_path):
     json.dumps(hparam_values(tiny_config(tmp_path)))  # plain values only
 
 
-def test_a_trunk_cache_run_gets_its_projector_without_thumbnails(tmp_path):
-    """trainable=head trains on cached trunk features: no images to draw, but the projector's points
-    and labels are written (the thumbnails once crashed the end-of-run summary there)."""
+def test_a_trunk_cache_run_gets_its_projector_with_thumbnails(tmp_path):
+    """trainable=head trains on cached trunk features; the thumbnails come from the decoded images
+    kept beside them (they once crashed the end-of-run summary there)."""
     import warnings
 
     cfg = tiny_config(tmp_path, trainable="head", embedding_dim=8, augment="none", cache_dir=str(tmp_path / "cache"))
@@ -132,4 +132,7 @@ def test_a_trunk_cache_run_gets_its_projector_without_thumbnails(tmp_path):
         result = fit(cfg)
     logdir = result.run_dir / TENSORBOARD_DIR
     config = (logdir / "projector_config.pbtxt").read_text()
-    assert 'tensor_name: "test:' in config and "sprite" not in config
+    assert 'tensor_name: "test:' in config and "sprite" in config
+    step = result.metrics["best_epoch"]
+    sprite = Image.open(logdir / f"{step:05d}" / "test" / "sprite.png")
+    assert np.asarray(sprite).std() > 0  # real thumbnails, not a blank sheet
