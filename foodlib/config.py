@@ -290,7 +290,7 @@ class Config:
                 "or pml:<LossName>[?option=value&...] for a pytorch-metric-learning loss"
             )
         try:  # the loss is the source of truth for its options: its constructor checks them
-            check_loss_options(self.loss.loss, **self.loss_options())
+            check_loss_options(self.loss.loss, **self._given_loss_options())
         except ValueError as error:
             raise ConfigError(f"loss={self.loss.loss!r}: {error}") from None
         backbone = self.model.backbone
@@ -300,7 +300,7 @@ class Config:
                 "or timm/<name> for any timm model"
             )
 
-    def loss_options(self) -> dict[str, Any]:
+    def _given_loss_options(self) -> dict[str, Any]:
         """The loss options this config sets: the LossConfig fields that are not None and not at their
         default (a default the loss does not take, e.g. ``update`` for softmax, is not "set")."""
         defaults = LossConfig()

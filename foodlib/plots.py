@@ -314,12 +314,7 @@ def umap_grid(panels: Sequence[tuple[str, Any, Any]], class_names: Sequence[str]
         raise ValueError("panels is empty; pass [(title, coords, labels), ...] with at least one entry.")
     n_classes = _n_classes(np.concatenate([np.asarray(p[2]) for p in panels]), class_names)
     names = _class_names(class_names, n_classes)  # one class count for all panels: one palette
-    n_cols = min(len(panels), max(1, max_columns))
-    n_rows = -(-len(panels) // n_cols)
-    fig = Figure(figsize=(panel_size * n_cols, panel_size * n_rows + 0.6), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        fig.delaxes(ax)  # the empty cells of the last row
+    fig, axes = panel_grid(len(panels), panel_size, panel_size, max_columns, extra_height=0.6)
     for ax, (title, coords, labels) in zip(axes, panels):
         umap_scatter(coords, labels, class_names=names, ax=ax, title=title, legend=None, **scatter_kwargs)
     handles = _mark_handles()
@@ -591,6 +586,26 @@ def save_figure(fig: Figure, path, dpi: int = SAVE_DPI) -> Path:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def panel_grid(n_panels: int, width: float, height: float, max_columns: int = 4,
+               extra_height: float = 0.0) -> tuple[Figure, list]:
+    """A Figure with ``n_panels`` axes of ``width`` x ``height`` inches, ``max_columns`` to a row.
+
+    More panels wrap onto further rows, so a figure stays readable at page width; the empty
+    cells of the last row are removed. ``extra_height`` leaves room for a legend or title.
+
+    >>> fig, axes = panel_grid(7, 4.0, 4.0)
+    >>> len(axes), tuple(fig.get_size_inches())
+    (7, (16.0, 8.0))
+    """
+    n_cols = min(n_panels, max(1, max_columns))
+    n_rows = -(-n_panels // n_cols)
+    fig = Figure(figsize=(width * n_cols, height * n_rows + extra_height), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        fig.delaxes(ax)
+    return fig, list(axes[:n_panels])
 
 
 def _figure_and_axes(ax, figsize):

@@ -463,13 +463,7 @@ def novel_umap_grid_figure(rows: list[dict[str, Any]]) -> Figure | None:
             chosen.append(run)
     if not chosen:
         return None
-    n_cols = min(len(chosen), 4)  # wrap: seven losses in one row are unreadable at page width
-    n_rows = -(-len(chosen) // n_cols)
-    fig = Figure(figsize=(5.2 * n_cols, 4.6 * n_rows), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-    for ax in axes[len(chosen):]:
-        fig.delaxes(ax)
-    axes = axes[:len(chosen)]
+    fig, axes = P.panel_grid(len(chosen), 5.2, 4.6)  # wraps: seven losses in one row are unreadable
     for ax, run in zip(axes, chosen):
         novel, known = load_features(run["run_dir"] / "novel_features.npz"), load_features(run["run_dir"] / "features.npz")
         split = "test" if "test" in known else "val"
