@@ -596,8 +596,8 @@ def panel_grid(n_panels: int, width: float, height: float, max_columns: int = 4,
     cells of the last row are removed. ``extra_height`` leaves room for a legend or title.
 
     >>> fig, axes = panel_grid(7, 4.0, 4.0)
-    >>> len(axes), tuple(fig.get_size_inches())
-    (7, (16.0, 8.0))
+    >>> len(axes), fig.get_size_inches().tolist()
+    (7, [16.0, 8.0])
     """
     n_cols = min(n_panels, max(1, max_columns))
     n_rows = -(-n_panels // n_cols)
