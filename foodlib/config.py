@@ -44,7 +44,7 @@ class DataConfig:
     cache: bool = field(default=True, metadata=RESUME_FREE)  # decode + resize each image once into a memory-mapped uint8 cache
     cache_dir: str | None = field(default=None, metadata=RUNTIME)  # None: cache_folder(): $FOODLIB_CACHE, else ~/.cache/foodlib
     bad_files: str = field(default="skip", metadata=RESUME_FREE)  # skip (and list in the run folder) | fail
-    trunk_cache: bool = True  # trainable=head: compute the frozen trunk's features once, reuse them in every run
+    trunk_cache: bool = True  # trainable=head | last:N: compute the frozen part's outputs once, reuse them in every run
     trunk_views: int = 8  # trunk cache: augmented views per training image (each epoch picks one per image)
     dishes_classes: int = 10  # embedded dishes: number of classes
     dishes_per_class: int = 300  # embedded dishes: train images per class (test gets a third)

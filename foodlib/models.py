@@ -51,8 +51,10 @@ class EmbeddingNet(nn.Module):
     Wan et al. 2018), so D=2 features can be plotted as they are. ``preprocessing`` says how the
     pixels must be normalised for this backbone (the transforms read it from the model).
 
-    A 2-D input ``(N, F)`` is taken as pooled backbone features (from the frozen-trunk cache,
-    :mod:`foodlib.trunk_cache`) and goes through the neck only.
+    Batches from the frozen-trunk cache (:mod:`foodlib.trunk_cache`) are float16: a 2-D ``(N, F)``
+    batch is pooled backbone features and goes through the neck only; a 4-D one is the output maps
+    of the frozen stages (``trainable="last:N"``) and enters the backbone at ``cut``
+    (a :class:`~foodlib.trainable.TrunkCut`, set by the cache). Images are never float16.
 
     ``frozen`` modules (see :func:`foodlib.trainable.apply_trainable`) stay in eval mode whatever
     ``train()`` is asked, so their BatchNorm statistics never move.
@@ -68,10 +70,16 @@ class EmbeddingNet(nn.Module):
         self.embedding_dim = embedding_dim or feature_dim
         self.preprocessing = preprocessing
         self.frozen: list[nn.Module] = []
+        self.cut = None  # TrunkCut where cached maps enter (trainable=last:N with the trunk cache)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim == 2:  # (N, F) cached trunk features
+        if images.ndim == 2:  # (N, F) cached pooled trunk features
             return self.neck(images.float())  # the cache stores float16
+        if images.dtype == torch.float16:  # (N, C, H, W) cached maps of the frozen stages
+            if self.cut is None:
+                raise ValueError(f"a float16 batch of shape {tuple(images.shape)} is cached trunk maps, but this "
+                                 "model has no cut to take them (foodlib.trunk_cache.with_trunk_features sets it)")
+            return self.neck(self.cut.rest(images.float()))
         return self.neck(self.backbone(images))  # (N, D)
 
     def train(self, mode: bool = True) -> "EmbeddingNet":

@@ -427,8 +427,8 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log(describe_device_and_precision(cfg.train.amp, device, amp_dtype))
-    if cfg.model.trainable == "head" and cfg.data.trunk_cache:
-        # the frozen trunk runs once per image and view (cached across runs); batches become features (N, F)
+    if cfg.model.trainable != "all" and cfg.data.trunk_cache:
+        # the frozen part runs once per image and view (cached across runs); batches become its outputs
         data = with_trunk_features(data, model, cfg, device, amp_dtype, progress=progress)
     loader_kw = _loader_options(cfg, device, info)
     train_loader, val_loader = _training_loaders(cfg, data, loss, loader_kw)

@@ -6,6 +6,10 @@ train). ``head`` freezes the whole trunk, ``last:N`` trains its last N stages, `
 everything. Frozen stages get ``requires_grad=False`` and stay in eval mode (BatchNorm running
 statistics frozen, no dropout / drop-path) whatever ``model.train()`` is asked.
 
+A frozen prefix is a fixed function of the pixels, so the frozen-trunk cache (:mod:`foodlib.trunk_cache`)
+can store its outputs: :class:`TrunkCut` splits the backbone after its first k stages, with
+``cut.rest(cut.first(x)) == backbone(x)``.
+
 >>> from foodlib.models import create_model
 >>> model = apply_trainable(create_model("resnet18"), "last:1")
 >>> [name for name, p in model.named_parameters() if p.requires_grad][:1]
@@ -14,7 +18,9 @@ statistics frozen, no dropout / drop-path) whatever ``model.train()`` is asked.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
+import torch
 from torch import nn
 
 _LAST = re.compile(r"last:(\d+)$")
@@ -37,27 +43,74 @@ def parse_trainable(value: str) -> int | None:
 
 
 def trunk_stages(backbone: nn.Module) -> list[nn.Module]:
-    """The backbone's stages, input to output, each a module (or a ModuleList of a stem's parts).
+    """The backbone's stages, input to output, each a module that runs on the previous one's output.
 
-    * timm EfficientNet (``efficientnet_liteN``): stem (conv + BN), each of the 7 block stages, head conv + BN.
-    * torchvision ResNet: stem (conv1 + bn1), layer1 .. layer4.
-    * ``nn.Sequential`` (smallcnn): one stage per convolution with what follows it up to the next.
-    * anything else: its top-level children that hold parameters.
+    * timm EfficientNet (``efficientnet_liteN``): stem (conv + BN + act), each of the 7 block stages,
+      head conv + BN + act; the global pool follows (:func:`trunk_pooling`).
+    * torchvision ResNet: stem (conv1 + bn1 + relu + maxpool), layer1 .. layer4; then the average pool.
+    * ``nn.Sequential`` (smallcnn): one stage per convolution with what follows it up to the next
+      (the last stage ends with the pooling).
+    * anything else: its top-level children that hold parameters (enough to freeze them; such a
+      backbone cannot be cut for the trunk cache).
     """
     if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):
-        return [nn.ModuleList([backbone.conv_stem, backbone.bn1]), *backbone.blocks,
-                nn.ModuleList([backbone.conv_head, backbone.bn2])]
+        return [nn.Sequential(backbone.conv_stem, backbone.bn1), *backbone.blocks,
+                nn.Sequential(backbone.conv_head, backbone.bn2)]
     if hasattr(backbone, "layer4") and hasattr(backbone, "conv1"):
-        return [nn.ModuleList([backbone.conv1, backbone.bn1]), backbone.layer1, backbone.layer2, backbone.layer3,
-                backbone.layer4]
+        return [nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool), backbone.layer1,
+                backbone.layer2, backbone.layer3, backbone.layer4]
     if isinstance(backbone, nn.Sequential):
         stages: list[list[nn.Module]] = []
         for module in backbone:
             if isinstance(module, nn.Conv2d) or not stages:
                 stages.append([])
             stages[-1].append(module)
-        return [nn.ModuleList(s) for s in stages if any(True for _ in nn.ModuleList(s).parameters())]
+        return [nn.Sequential(*s) for s in stages if any(True for _ in nn.Sequential(*s).parameters())]
     return [m for m in backbone.children() if any(True for _ in m.parameters())]
+
+
+def trunk_pooling(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What turns the last stage's maps into the backbone's pooled ``(N, F)`` output, or None when
+    :func:`trunk_stages` does not cover the whole backbone (it cannot be cut)."""
+    if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks") and hasattr(backbone, "forward_head"):
+        return backbone.forward_head  # global pool, dropout (training only), classifier (Identity here)
+    if hasattr(backbone, "layer4") and hasattr(backbone, "avgpool") and hasattr(backbone, "fc"):
+        return lambda x: backbone.fc(torch.flatten(backbone.avgpool(x), 1))
+    if isinstance(backbone, nn.Sequential):
+        covered = sum(len(stage) for stage in trunk_stages(backbone))
+        return (lambda x: x) if covered == len(backbone) else None
+    return None
+
+
+class TrunkCut:
+    """The backbone cut after its first ``at`` stages: ``cut.rest(cut.first(x)) == backbone(x)``.
+
+    ``first`` is what the trunk cache computes once (the frozen stages); ``rest`` runs the trainable
+    stages and the pooling on its stored outputs. Both use the backbone's own modules (no copies).
+
+    >>> from foodlib.models import create_model
+    >>> backbone = create_model("smallcnn").backbone.eval()
+    >>> cut = TrunkCut(backbone, 3)
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> tuple(cut.first(x).shape), bool(torch.allclose(cut.rest(cut.first(x)), backbone(x)))
+    ((2, 128, 4, 4), True)
+    """
+
+    def __init__(self, backbone: nn.Module, at: int):
+        stages, pooling = trunk_stages(backbone), trunk_pooling(backbone)
+        if pooling is None:
+            raise ValueError(f"{type(backbone).__name__} cannot be cut into stages for the trunk cache; "
+                             "set trunk_cache: false")
+        if not 1 <= at <= len(stages):
+            raise ValueError(f"cut after stage {at}: the backbone has stages 1..{len(stages)}")
+        self.at, self._rest, self._pooling = at, stages[at:], pooling
+        self.first = nn.Sequential(*stages[:at])  # images -> the first ``at`` stages' maps (N, C, H, W)
+
+    def rest(self, maps: torch.Tensor) -> torch.Tensor:
+        """The remaining stages and the pooling: pooled features ``(N, F)``."""
+        for stage in self._rest:
+            maps = stage(maps)
+        return self._pooling(maps)
 
 
 def apply_trainable(model: nn.Module, trainable: str = "all") -> nn.Module:

@@ -1,9 +1,11 @@
 """The frozen-trunk feature cache: a frozen backbone runs once per image and view, not once per epoch.
 
 With ``trainable="head"`` nothing in the backbone learns, so its pooled outputs ``(N, F)`` are a
-fixed function of the input pixels. They are computed once per
+fixed function of the input pixels. With ``trainable="last:N"`` the same holds for the output maps
+``(N, C, H, W)`` of the frozen stages (the backbone is cut there, :class:`~foodlib.trainable.TrunkCut`,
+and every step runs only the last N stages on the stored maps). They are computed once per
 
-    (data content, split, backbone weights, image size, normalisation, augmentation, views K, autocast dtype)
+    (data content, split, frozen weights, cut, image size, normalisation, augmentation, views K, autocast dtype)
 
 and reused by every run, loss and seed that shares them:
 
@@ -11,6 +13,9 @@ and reused by every run, loss and seed that shares them:
   seed (so all seeds share them); epoch e gives image i its view ``(e + offset_i) mod K`` with a
   per-run random offset, so every view is used once every K epochs;
 * every split (train included, for ``features.npz``): one clean view, the evaluation center crop.
+
+The views are fixed, so with ``last:N`` an augmented run sees K views per image rather than a new
+one every epoch (``trunk_cache: false`` trains on live augmentation, at the trunk's full cost).
 
 Storage (``<cache_dir>/trunk/<key>.f16`` + ``<key>.json``): raw float16, memory-mapped, nothing
 unpickled; the JSON holds the shape and the file's SHA-256, checked on every open, so a damaged
@@ -20,7 +25,7 @@ the others wait and then read it. The key hashes the backbone's actual tensors, 
 
 >>> data = with_trunk_features(data, model, cfg, device, amp_dtype=None)            # doctest: +SKIP
 >>> images, labels = next(iter(data.loader("train", 64, shuffle=True)))              # doctest: +SKIP
->>> images.shape, images.dtype                                                       # doctest: +SKIP
+>>> images.shape, images.dtype  # head; last:1 at 160 px gives maps (64, 320, 5, 5)  # doctest: +SKIP
 (torch.Size([64, 1280]), torch.float16)
 """
 from __future__ import annotations
@@ -45,7 +50,7 @@ from foodlib.data.augment import augment_options, eval_transform, normalization,
 from foodlib.data.cache import build_lock, cache_key
 from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.files import atomic_write_json, cache_folder
-from foodlib.trainable import trunk_is_frozen
+from foodlib.trainable import TrunkCut, parse_trainable, trunk_stages
 
 TRUNK_CACHE_VERSION = 1  # bump when the view drawing or the stored layout changes
 VIEW_SEED = 20_240_601  # augmented views are drawn from this seed, not the run's: every seed shares them
@@ -78,11 +83,12 @@ def _content_key(source: ImageSource) -> str:
 
 
 def trunk_key(source: ImageSource, weights: str, image_size: int, mean, std, augment: str | None, views: int,
-              amp_dtype: torch.dtype | None, interpolation: str = "bilinear") -> str:
+              amp_dtype: torch.dtype | None, interpolation: str = "bilinear", cut: int | None = None) -> str:
     """Hash of everything the stored features depend on (``augment=None``: the clean view).
 
     ``interpolation`` (the augmented crops' resampling) joins the record only when it is not
-    bilinear, so the keys of caches built before it was recorded stay valid.
+    bilinear, and ``cut`` (maps after that many stages; None: the pooled output) only when set,
+    so the keys of caches built before they were recorded stay valid.
     """
     record = {
         "version": TRUNK_CACHE_VERSION, "content": _content_key(source), "weights": weights,
@@ -92,6 +98,8 @@ def trunk_key(source: ImageSource, weights: str, image_size: int, mean, std, aug
     }
     if interpolation != "bilinear":
         record["interpolation"] = interpolation
+    if cut is not None:
+        record["cut"] = cut
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -120,7 +128,7 @@ def view_inputs(source: ImageSource, image_size: int, norm: dict, augment: str |
 @torch.no_grad()
 def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict, augment: str | None, views: int,
              file: Path, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, desc: str) -> tuple:
-    """Write the trunk's features (K, N, F) float16 into ``file``; returns the shape.
+    """Write the trunk's outputs (K, N, F) or (K, N, C, H, W) float16 into ``file``; returns the shape.
 
     The next batch is decoded and augmented (in a thread) while the trunk runs on this one; the file
     is created at the first output, when F is known (no extra probing forward).
@@ -139,9 +147,9 @@ def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict,
                 pending = pool.submit(next, batches, None)
                 rows, x = item
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    features = trunk(x)  # (B, F)
+                    features = trunk(x)  # (B, F) pooled, or (B, C, H, W) maps of the frozen stages
                 if out is None:
-                    out = np.memmap(file, dtype=np.float16, mode="w+", shape=(views, len(source), features.shape[1]))
+                    out = np.memmap(file, dtype=np.float16, mode="w+", shape=(views, len(source), *features.shape[1:]))
                 out[view, rows[0]: rows[-1] + 1] = features.float().cpu().numpy().astype(np.float16)
                 bar.update(len(rows))
     bar.close()
@@ -164,22 +172,23 @@ def _file_sha256(path: Path) -> str:
 def trunk_features(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict, augment: str | None,
                    views: int, device: torch.device, amp_dtype: torch.dtype | None = None,
                    cache_dir: str | Path | None = None, progress: bool = True, desc: str = "trunk",
-                   weights: str | None = None) -> np.ndarray:
-    """The cached features ``(K, N, F)`` float16 of one split (K = 1 for the clean view), built when missing.
+                   weights: str | None = None, cut: int | None = None) -> np.ndarray:
+    """The cached features ``(K, N, ...)`` float16 of one split (K = 1 for the clean view), built when missing.
 
     Args:
-        trunk: the frozen backbone (images -> pooled ``(N, F)``).
+        trunk: the frozen backbone (images -> pooled ``(N, F)``), or its frozen stages (images -> maps).
         source: the split's images.
         norm: ``{"mean", "std", "interpolation"}`` of the backbone (:func:`foodlib.data.augment.normalization`;
             a missing ``interpolation`` is bilinear).
         augment: None for the clean center crop, else the ``augment`` setting of the views.
         views: K (1 for the clean view).
         weights: :func:`weights_digest` of ``trunk`` when already known.
+        cut: with ``trunk`` the first stages of a backbone, how many (part of the key).
     """
     views = 1 if augment is None else views
     weights = weights or weights_digest(trunk)
     key = trunk_key(source, weights, image_size, norm["mean"], norm["std"], augment, views, amp_dtype,
-                    norm.get("interpolation", "bilinear"))
+                    norm.get("interpolation", "bilinear"), cut)
     folder = cache_folder(cache_dir) / "trunk"
     data_file, meta_file = folder / f"{key}.f16", folder / f"{key}.json"
     with build_lock(folder / f"{key}.lock"):
@@ -218,9 +227,9 @@ def _open_checked(data_file: Path, meta_file: Path) -> np.ndarray:
 # ----- loading: a Data whose batches are features ------------------------------------------------
 
 class FeatureSource:
-    """Batches of cached features ``(B, F)`` float16 for row indices, like :class:`ImageSource` gives images.
+    """Batches of cached features ``(B, ...)`` float16 for row indices, like :class:`ImageSource` gives images.
 
-    ``views`` (K, N, F) are the augmented views (train), ``clean`` (1, N, F) the evaluation view.
+    ``views`` (K, N, ...) are the augmented views (train), ``clean`` (1, N, ...) the evaluation view.
     With ``augmented`` set, row i of epoch e comes from view ``(e + offset_i) mod K``.
     """
 
@@ -235,9 +244,9 @@ class FeatureSource:
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices)
         if not self.augmented or self.views is None:
-            return np.asarray(self.clean[0, indices])  # (B, F)
+            return np.asarray(self.clean[0, indices])  # (B, F) or (B, C, H, W)
         view = (self.epoch + self.offsets[indices]) % self.views.shape[0]
-        return np.asarray(self.views[view, indices])  # (B, F)
+        return np.asarray(self.views[view, indices])
 
     def get_batch_skipping(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`get_batch` and every position kept: cached features cannot vanish mid-run (the
@@ -281,18 +290,29 @@ class FeatureData(Data):
 
 def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
                         amp_dtype: torch.dtype | None = None, progress: bool = True) -> FeatureData:
-    """``data`` with every split replaced by the frozen trunk's cached features (built when missing).
+    """``data`` with every split replaced by the frozen part's cached outputs (built when missing).
+
+    With ``trainable="head"`` the batches are the pooled features ``(N, F)``; with ``"last:N"`` the
+    maps of the frozen stages, and ``model.cut`` is set so that the model runs the rest on them.
 
     Args:
         data: the image data (:func:`foodlib.data.load_data`).
-        model: an EmbeddingNet whose whole backbone is frozen (``trainable="head"``).
+        model: an EmbeddingNet after :func:`~foodlib.trainable.apply_trainable` with ``head`` or ``last:N``.
         cfg: the run's Config (image_size, augment, trunk_views, cache_dir).
     """
-    if not trunk_is_frozen(model):
-        raise ValueError("the trunk cache needs a frozen backbone (trainable='head'); this one trains")
-    norm, weights = normalization(model), weights_digest(model.backbone)
-    common = dict(trunk=model.backbone, image_size=cfg.data.image_size, norm=norm, device=device, amp_dtype=amp_dtype,
-                  cache_dir=cfg.data.cache_dir, progress=progress, weights=weights)
+    trains = parse_trainable(getattr(model, "trainable", "all"))
+    if trains is None:
+        raise ValueError("the trunk cache needs a frozen trunk or frozen stages (trainable='head' or 'last:N'); "
+                         "with trainable='all' everything trains")
+    if trains == 0:
+        trunk, cut, weights = model.backbone, None, weights_digest(model.backbone)
+    else:
+        stages = trunk_stages(model.backbone)
+        model.cut = TrunkCut(model.backbone, len(stages) - trains)
+        trunk, cut, weights = model.cut.first, model.cut.at, weights_digest(model.cut.first)
+    norm = normalization(model)
+    common = dict(trunk=trunk, image_size=cfg.data.image_size, norm=norm, device=device, amp_dtype=amp_dtype,
+                  cache_dir=cfg.data.cache_dir, progress=progress, weights=weights, cut=cut)
     sources = {}
     for split, source in data.sources.items():
         if len(source) == 0:

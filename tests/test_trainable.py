@@ -4,7 +4,7 @@ import torch
 
 from foodlib.config import Config, ConfigError
 from foodlib.models import create_model, list_models
-from foodlib.trainable import apply_trainable, parse_trainable, trunk_is_frozen, trunk_stages
+from foodlib.trainable import TrunkCut, apply_trainable, parse_trainable, trunk_is_frozen, trunk_stages
 
 
 def test_parse_trainable():
@@ -47,3 +47,36 @@ def test_frozen_stages_stay_in_eval_mode_and_do_not_move():
     after = model.backbone[:4].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and running statistics
     assert model.backbone[0].weight.grad is None  # no gradient reaches a frozen stage
+
+
+@pytest.mark.parametrize("name", list_models())
+@torch.no_grad()
+def test_the_backbone_cut_at_any_stage_computes_the_same_features(name):
+    """TrunkCut is what the trunk cache stores for last:N: first stages, then the rest and the
+    pooling, must be the whole backbone (exactly: the same modules in the same order)."""
+    torch.manual_seed(0)
+    backbone = create_model(name).backbone.eval()
+    x = torch.randn(2, 3, 64, 64)
+    whole = backbone(x)
+    stages = trunk_stages(backbone)
+    for at in range(1, len(stages)):
+        cut = TrunkCut(backbone, at)
+        maps = cut.first(x)
+        assert maps.ndim == 4, (name, at)
+        torch.testing.assert_close(cut.rest(maps), whole, rtol=0, atol=0)
+    assert [id(p) for p in cut.first.parameters()] == [id(p) for s in stages[:at] for p in s.parameters()]
+
+
+def test_an_unknown_backbone_cannot_be_cut_and_says_what_to_do():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x)).mean((2, 3))
+
+    with pytest.raises(ValueError, match="trunk_cache: false"):
+        TrunkCut(Odd(), 1)
+    with pytest.raises(ValueError, match="stages 1..4"):
+        TrunkCut(create_model("smallcnn").backbone, 5)

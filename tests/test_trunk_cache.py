@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 import foodlib.trunk_cache as tc
+from foodlib.config import Config
+from foodlib.data import Data
 from foodlib.data.augment import normalization
 from foodlib.data.cache import build_cache
 from foodlib.data.loader import ImageSource
@@ -78,6 +80,40 @@ def test_head_on_cached_features_gives_the_live_trunks_logits(tmp_path):
     assert torch.equal(next(iter(evaluation))[0], torch.from_numpy(np.array(clean[0, :4])))
 
 
+@torch.no_grad()
+def test_last_n_on_cached_maps_gives_the_live_networks_logits(tmp_path):
+    """trainable=last:1: the cache stores the frozen stages' maps; the model runs its last stage,
+    pooling, neck and head on them and gives what the whole network gives on the same pixels."""
+    torch.manual_seed(0)
+    model = apply_trainable(create_model("smallcnn", embedding_dim=6), "last:1").eval()
+    loss = create_loss("softmax", embedding_dim=6, num_classes=3).eval()
+    source = _source(_images(tmp_path / "img"), tmp_path / "cache")
+    data = Data(index=None, side=SIDE, sources={"train": source})
+    cfg = Config.from_flat(image_size=SIZE, augment="standard", trunk_views=2, cache_dir=str(tmp_path / "cache"))
+    cached = tc.with_trunk_features(data, model, cfg, torch.device("cpu"), progress=False)
+    assert model.cut is not None and model.cut.at == 3
+    views, clean = cached.sources["train"].views, cached.sources["train"].clean
+    assert views.shape == (2, 10, 128, 3, 3) and views.dtype == np.float16 and clean.shape == (1, 10, 128, 3, 3)
+    for k in range(2):
+        x = torch.cat([x for _, x in tc.view_inputs(source, SIZE, normalization(model), "standard", k, torch.device("cpu"))])
+        maps = torch.from_numpy(np.array(views[k]))
+        torch.testing.assert_close(loss.predict(model(maps)), loss.predict(model(x)), atol=2e-3, rtol=2e-3)
+    # gradients reach the trainable stage through the cached maps, not the frozen ones
+    with torch.enable_grad():
+        model.train()
+        model(torch.from_numpy(np.array(views[0]))).square().mean().backward()
+    assert model.backbone[-5].weight.grad is not None and model.backbone[0].weight.grad is None  # last conv, first conv
+    # the pooled (head) entry and the maps (last:1) entry are separate
+    head_model = apply_trainable(create_model("smallcnn", embedding_dim=6), "head")
+    head_model.load_state_dict(model.state_dict())
+    tc.with_trunk_features(data, head_model, cfg, torch.device("cpu"), progress=False)
+    assert len(list((tmp_path / "cache" / "trunk").glob("*.f16"))) == 4  # (clean, views) x (head, last:1)
+    with pytest.raises(ValueError, match="trainable='all'"):
+        tc.with_trunk_features(data, apply_trainable(head_model, "all"), cfg, torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="no cut"):
+        head_model(torch.from_numpy(np.array(views[0])))
+
+
 def test_changed_content_or_weights_get_their_own_entry(tmp_path):
     model, _ = _model()
     paths = _images(tmp_path / "img")
@@ -130,13 +166,14 @@ def test_parallel_builders_build_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_head_only_fit_on_cached_features_matches_the_live_trunk(tmp_path):
-    """fit(trainable=head) with and without the cache (augment=none: the same inputs): the same run."""
+@pytest.mark.parametrize("trainable", ["head", "last:1"])
+def test_fit_on_cached_features_matches_the_live_trunk(tmp_path, trainable):
+    """fit(trainable=head | last:1) with and without the cache (augment=none: the same inputs): the same run."""
     from conftest import tiny_config
 
     import foodlib
 
-    common = dict(trainable="head", embedding_dim=8, augment="none", device="cpu", amp="off", features=False,
+    common = dict(trainable=trainable, embedding_dim=8, augment="none", device="cpu", amp="off", features=False,
                   cache_dir=str(tmp_path / "cache"))
     cached = foodlib.fit(tiny_config(tmp_path / "a", trunk_cache=True, **common))
     live = foodlib.fit(tiny_config(tmp_path / "b", trunk_cache=False, **common))

@@ -85,6 +85,11 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.to(device)
 
 
+def is_cached_batch(batch: torch.Tensor) -> bool:
+    """True for a batch from the frozen-trunk cache (float16 features or maps); images are uint8."""
+    return batch.ndim == 2 or batch.dtype == torch.float16
+
+
 def _nchw(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N, S, S, 3), got shape {tuple(images.shape)}")
@@ -98,11 +103,11 @@ def eval_transform(images: torch.Tensor, size: int, channels_last: bool = True, 
     A crop does not resample: ``interpolation`` (the decode's, already applied to the stored
     square) is accepted so that both transforms take ``**normalization(model)``, and only checked.
 
-    A 2-D batch ``(N, F)`` is pooled trunk features from :mod:`foodlib.trunk_cache`, transformed
-    when the cache was built: it passes through unchanged.
+    A float16 batch (pooled features ``(N, F)`` or maps ``(N, C, H, W)`` from :mod:`foodlib.trunk_cache`)
+    was transformed when the cache was built: it passes through unchanged.
     """
     _check_resampling(interpolation)
-    if images.ndim == 2:
+    if is_cached_batch(images):
         return images
     x = _nchw(images)
     side = x.shape[-1]
@@ -145,10 +150,10 @@ def train_transform(
             for the decode). Bicubic can overshoot; its result is clamped to 0..255 as a uint8
             resize would be.
 
-    A 2-D batch ``(N, F)`` (cached trunk features, augmented when the cache was built) passes through.
+    A float16 batch (cached trunk features or maps, augmented when the cache was built) passes through.
     """
     _check_resampling(interpolation)
-    if images.ndim == 2:
+    if is_cached_batch(images):
         return images
     x = _nchw(images).float()  # (N, 3, S, S)
     n = x.shape[0]
