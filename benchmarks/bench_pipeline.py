@@ -15,7 +15,12 @@ loader, in float32. This script measures, in ONE run so that machine noise hits 
    ``fit(amp="bf16")`` does);
 4. ``fit()`` itself: its own per-epoch training images/s (second epoch, cache already built);
 5. optionally (``--sections levers``) the model step alone under each precision x memory layout x
-   thread count, to tell which CPU levers matter on the machine at hand.
+   thread count, to tell which CPU levers matter on the machine at hand; with ``fit`` in the same
+   run, ``fit()``'s img/s over the model step's at fit's own precision and layout (the model-step
+   limit: how much of it the whole training loop keeps).
+
+``--backbone efficientnet_lite0 --pretrained`` times full fine-tuning of the pretrained Lite0
+(issue 24: ``trainable: all``, every weight trains) instead of ResNet-18 from scratch.
 
 Trials are interleaved: each round runs one timed window of every pipeline, in a rotated order, and
 each window opens a fresh loader (its worker start-up and one warm-up step are not timed), so no
@@ -29,6 +34,8 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_pipeline.py                         # torch's default threads
     .venv/bin/python benchmarks/bench_pipeline.py --rounds 2 --steps 2 --sections data e2e   # a quick look
     .venv/bin/python benchmarks/bench_pipeline.py --sections levers --lever-threads 1 2     # CPU levers
+    .venv/bin/python benchmarks/bench_pipeline.py --backbone efficientnet_lite0 --pretrained --image-size 160 \
+        --sections levers fit --fit-amp off --threads 1                # Lite0 fine-tune vs its model step
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ from foodlib.data.augment import IMAGENET_MEAN, IMAGENET_STD, cache_side, train_
 from foodlib.losses import create_loss  # noqa: E402
 from gpu_check import endless  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 from foodlib.models import create_model  # noqa: E402
+from foodlib.runtime import autocast_dtype  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "food101-10"
 SECTIONS = ("data", "e2e", "fit", "levers")
@@ -162,16 +170,18 @@ def make_pipelines(args, data, device: torch.device) -> dict[str, Pipeline]:
 # ----- one training configuration ------------------------------------------------------------
 
 class Trainer:
-    """ResNet-18 embedding + foodlib softmax head + AdamW; one optimizer step per call.
+    """The backbone's embedding (ResNet-18 unless ``--backbone``) + foodlib softmax head + AdamW; one
+    optimizer step per call, every weight training.
 
     Every trainer starts from the same weights (seeded), so variants differ only in precision,
     memory layout and the data pipeline feeding them.
     """
 
-    def __init__(self, num_classes: int, amp: bool, channels_last: bool, device: torch.device, seed: int = 0):
+    def __init__(self, num_classes: int, amp: bool, channels_last: bool, device: torch.device, seed: int = 0,
+                 backbone: str = "resnet18", pretrained: bool = False):
         torch.manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = create_model("resnet18").to(device, memory_format=self.memory_format)
+        self.model = create_model(backbone, pretrained=pretrained).to(device, memory_format=self.memory_format)
         self.loss = create_loss("softmax", embedding_dim=self.model.embedding_dim, num_classes=num_classes).to(device)
         params = list(self.model.parameters()) + list(self.loss.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4)
@@ -288,7 +298,8 @@ def time_fit(args, cache_dir: Path, out_dir: Path, amp: str, log) -> dict:
     from foodlib.train import fit
 
     cfg = Config.from_flat(
-        data=str(args.data), image_size=args.image_size, backbone="resnet18", loss="softmax",
+        data=str(args.data), image_size=args.image_size, backbone=args.backbone, pretrained=args.pretrained,
+        trainable="all", loss="softmax",
         epochs=args.fit_epochs, batch_size=args.batch_size, workers=args.workers, amp=amp, channels_last=amp != "off",
         limit_per_class=args.fit_per_class, cache_dir=str(cache_dir), out=str(out_dir / f"fit-{amp}"),
         quiet=True, features=False, figures=False, eval_test=False, device=str(args.device),
@@ -300,7 +311,8 @@ def time_fit(args, cache_dir: Path, out_dir: Path, amp: str, log) -> dict:
     wall = time.perf_counter() - t0
     epochs = [row for row in result.trace if row["split"] == "train"]
     log(f"  fit(amp={amp}): " + ", ".join(f"epoch {r['epoch']} {r['img_per_s']:.1f} img/s" for r in epochs))
-    return {"amp": amp, "channels_last": cfg.train.channels_last, "train_images": len(data.labels("train")),
+    return {"amp": amp, "autocast": str(autocast_dtype(amp, torch.device(args.device))),
+            "channels_last": cfg.train.channels_last, "train_images": len(data.labels("train")),
             "epoch_img_per_s": [r["img_per_s"] for r in epochs], "steady_img_per_s": epochs[-1]["img_per_s"],
             "wall_s": wall}
 
@@ -315,9 +327,10 @@ def measure_levers(args, num_classes: int, device: torch.device, log) -> dict:
     each other at every barrier can cost more than they bring). Interleaved like the rest.
     """
     thread_counts = args.lever_threads or [torch.get_num_threads()]
-    configs = [(amp, cl, t) for t in thread_counts for amp in (False, True) for cl in (False, True)]
-    trainers = {(amp, cl): Trainer(num_classes, amp=amp, channels_last=cl, device=device) for amp in (False, True)
-                for cl in (False, True)}
+    precisions = [amp == "bf16" for amp in args.lever_amp]
+    configs = [(amp, cl, t) for t in thread_counts for amp in precisions for cl in (False, True)]
+    trainers = {(amp, cl): Trainer(num_classes, amp=amp, channels_last=cl, device=device, backbone=args.backbone,
+                                   pretrained=args.pretrained) for amp in precisions for cl in (False, True)}
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, num_classes, (args.batch_size,))
     rates: dict[tuple, list[float]] = {c: [] for c in configs}
@@ -338,7 +351,7 @@ def measure_levers(args, num_classes: int, device: torch.device, log) -> dict:
     torch.set_num_threads(args.threads or thread_counts[0])
     rows = []
     for amp, cl, threads in configs:
-        base = rates[(False, False, threads)]
+        base = rates.get((False, False, threads)) or rates[(amp, False, threads)]
         rows.append({"amp": "bf16" if amp else "fp32", "channels_last": cl, "threads": threads,
                      "img_per_s_median": median(rates[(amp, cl, threads)]),
                      "img_per_s_windows": [round(v, 1) for v in rates[(amp, cl, threads)]],
@@ -367,7 +380,8 @@ def markdown(report: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} compute thread(s), "
         f"AMX-bf16 {'yes' if m['amx_bf16'] else 'no'}{', GPU ' + m['gpu'] if m.get('gpu') else ''}; load average {m['loadavg_start']} at start, "
         f"{m['loadavg_end']} at end (shared machine). Date {report['date']}, wall time {report['wall_s']:.0f} s.  ",
-        f"Setting: ResNet-18 + softmax head, AdamW, {a['image_size']} px, batch {a['batch_size']}, "
+        f"Setting: {a['backbone']}{' (pretrained, every weight trains)' if a['pretrained'] else ''} + softmax head, "
+        f"AdamW, {a['image_size']} px, batch {a['batch_size']}, "
         f"{a['workers']} DataLoader workers for every pipeline, {a['rounds']} interleaved rounds x "
         f"{a['steps']} timed steps after {a['warmup']} warm-up step(s) per window (fresh loader per window)"
         + ("; on the GPU the phase columns are host times (no wait for the device between phases)."
@@ -400,13 +414,33 @@ def markdown(report: dict) -> str:
                      f"| {f['steady_img_per_s'] / base:.2f}x | | |")
     if report.get("levers"):
         lines += levers_markdown(report["levers"])
+    lines += fit_limit_markdown(report)
     return "\n".join(lines)
+
+
+def fit_limit_markdown(report: dict) -> list[str]:
+    """``fit()``'s steady img/s over the model step alone at the same precision, layout and threads."""
+    rows = []
+    for f in report.get("fit", []):
+        amp = "bf16" if f.get("autocast") == "torch.bfloat16" else "fp32"
+        step = next((r for r in (report.get("levers") or {}).get("rows", []) if r["amp"] == amp
+                     and r["channels_last"] == f["channels_last"] and r["threads"] == report["machine"]["threads"]), None)
+        if step is not None:
+            rows.append(f"| `fit()` amp={f['amp']} ({amp}, {'channels_last' if f['channels_last'] else 'NCHW'}) "
+                        f"| {f['steady_img_per_s']:.1f} | {step['img_per_s_median']:.1f} "
+                        f"| **{f['steady_img_per_s'] / step['img_per_s_median']:.2f}** |")
+    if not rows:
+        return []
+    return ["", "Model-step limit: what share of the model step alone `fit()` keeps (same precision, layout, threads):", "",
+            "| run | fit() img/s (last epoch) | model step alone img/s | fit / step |", "|---|---:|---:|---:|", *rows]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder root with train/ (food101-10)")
     p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--backbone", default="resnet18", help="model of every trainer and of fit() (e.g. efficientnet_lite0)")
+    p.add_argument("--pretrained", action="store_true", help="start from the installed ImageNet weights")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for every pipeline")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's choice)")
@@ -421,6 +455,8 @@ def parse_args(argv=None):
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=["data", "e2e", "fit"],
                    help="what to measure: data (loaders alone), e2e (interleaved training steps), fit (fit()'s own "
                         "img/s), levers (the model step alone per precision x layout x threads)")
+    p.add_argument("--lever-amp", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="precisions of --sections levers (bf16 is slow without AMX: fp32 alone saves time there)")
     p.add_argument("--lever-threads", type=int, nargs="+", default=None, help="thread counts for --levers (default: current)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
@@ -461,11 +497,14 @@ def main(argv=None) -> int:
     if "e2e" in args.sections:
         e2e_variants = [
             Variant("e2e_earlier", "end to end: earlier style, float32, NCHW", pipes["earlier"],
-                    Trainer(num_classes, amp=False, channels_last=False, device=device)),
+                    Trainer(num_classes, amp=False, channels_last=False, device=device, backbone=args.backbone,
+                            pretrained=args.pretrained)),
             Variant("e2e_cached_fp32", "end to end: foodlib cache + batch augment, float32, NCHW", pipes["cached"],
-                    Trainer(num_classes, amp=False, channels_last=False, device=device)),
+                    Trainer(num_classes, amp=False, channels_last=False, device=device, backbone=args.backbone,
+                            pretrained=args.pretrained)),
             Variant("e2e_cached_bf16", "end to end: foodlib cache + batch augment, bf16 autocast, channels_last",
-                    pipes["cached"], Trainer(num_classes, amp=True, channels_last=True, device=device)),
+                    pipes["cached"], Trainer(num_classes, amp=True, channels_last=True, device=device,
+                                             backbone=args.backbone, pretrained=args.pretrained)),
         ]
         log("end-to-end training steps")
         interleave(e2e_variants, args.rounds, args.steps, args.warmup, device, log)

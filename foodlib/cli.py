@@ -171,7 +171,7 @@ def cmd_report(args) -> int:
 
 
 def _tune_args(parser) -> None:
-    parser.add_argument("suite", help="tuning suite YAML with a `search:` section, e.g. suites/food101-10-tune.yaml")
+    parser.add_argument("suite", help="tuning suite YAML with a `search:` section, e.g. suites/food101-10-scratch-tune.yaml")
     parser.add_argument("--trials", type=int, default=None, metavar="N",
                         help="trials per loss, the same for every loss (default: the suite's search.trials)")
     parser.add_argument("--storage", default=None, metavar="URL",
@@ -182,7 +182,7 @@ def _tune_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads per trial (several workers on one machine: cores // workers)")
     parser.add_argument("--best-out", default=None, metavar="PATH",
-                        help="also write the best-settings suite here (e.g. suites/food101-10-best.yaml)")
+                        help="also write the best-settings suite here (e.g. suites/food101-10-scratch-best.yaml)")
     parser.add_argument("--report-only", action="store_true",
                         help="run no trial; write the report and best-settings suite from the storage")
     parser.add_argument("--verbose", action="store_true", help="show each trial's epochs")

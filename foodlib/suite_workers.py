@@ -11,7 +11,7 @@ executes twice. The worker that finds every run complete when it finishes writes
 SLURM, one GPU per array task (``docs`` / README: "Several GPUs or machines")::
 
     #SBATCH --array=0-7 --gpus=1
-    foodlib suite suites/food101-10.yaml --worker --quiet --out-dir /shared/runs
+    foodlib suite suites/food101-10-scratch.yaml --worker --quiet --out-dir /shared/runs
 
 The per-run lock uses ``flock``, which NFSv4 and Lustre / GPFS (mounted with locking) honour; on a
 file system without locks, give each worker its runs with ``--only`` instead.

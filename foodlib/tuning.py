@@ -57,9 +57,9 @@ settings per loss as a suite (the original seeds, test evaluation on) that ``foo
 on test; ``report.md`` with a table of every trial and Optuna's figures per loss (optimisation
 history, parameter importances, slices) under ``report/<loss>/``.
 
->>> result = tune("suites/food101-10-tune.yaml", trials=20)   # doctest: +SKIP
+>>> result = tune("suites/food101-10-scratch-tune.yaml", trials=20)   # doctest: +SKIP
 >>> result.best_suite                                           # doctest: +SKIP
-PosixPath('runs/food101-10-tune/best.yaml')
+PosixPath('runs/food101-10-scratch-tune/best.yaml')
 """
 from __future__ import annotations
 
@@ -480,7 +480,7 @@ def tune(
         out_dir: parent of the tune folder ``out_dir/<suite>/`` (trial run folders, report, best.yaml).
         device: ``cpu`` / ``cuda`` / ``auto`` for every trial (overrides the suite).
         threads: torch CPU threads per trial (several workers on one machine: cores // workers).
-        best_out: also write the best-settings suite here (e.g. ``suites/food101-10-best.yaml``).
+        best_out: also write the best-settings suite here (e.g. ``suites/food101-10-scratch-best.yaml``).
         report_only: run nothing; write the report and best suite from the storage as it is.
         heartbeat_s, grace_s: a running trial beats every ``heartbeat_s``; one silent for ``grace_s``
             (or whose process on this host died) is retried.

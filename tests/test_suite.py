@@ -318,7 +318,7 @@ def test_a_second_suite_process_on_the_same_folder_is_refused(tmp_path, capsys, 
 
 def test_repository_suites_are_valid():
     suites = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
-    assert {p.name for p in suites} >= {"demo.yaml", "food101-10.yaml"}
+    assert {p.name for p in suites} >= {"demo.yaml", "food101-10-scratch.yaml"}
     for path in suites:
         runs = S.plan_suite(S.load_suite(path, tuning="search:" in path.read_text()))  # tuning suites: foodlib tune
         assert runs and all(r.error is None for r in runs), path
