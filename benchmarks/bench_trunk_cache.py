@@ -1,6 +1,6 @@
 """What the frozen-trunk cache costs and saves (issue 24), on real food101-10 photos, EfficientNet-Lite0.
 
-Two measurements, each in one run:
+Three measurements, each in one run:
 
 1. ``build``: the trunk cache's build speed (decode-cache read + augmentation of K views + the
    frozen trunk's forward + the float16 write, ``foodlib.trunk_cache.trunk_features``) against the
@@ -12,10 +12,15 @@ Two measurements, each in one run:
    with N = food101-10's 3,375 training images (random float16 values: the time does not depend on
    them), so the cost of 30 epochs over 8 views follows without building 8 views of every photo.
    The full ``fit()`` wall time on the real (clean-view) cache is in RESULTS.md from the study runs.
+3. ``last``: a ``trainable="last:1"`` training step (the trunk's last stage, the 256-d neck and a
+   softmax head learn; AdamW) on the frozen stages' cached maps against the same step on images,
+   where the whole trunk runs forward every step (what training ``last:1`` costs without the cache),
+   batch 64 at ``--image-size``, interleaved rounds, medians and the median per-round ratio.
 
 Usage (from the repository root)::
 
     nice -n 10 .venv/bin/python benchmarks/bench_trunk_cache.py --sections build head
+    .venv/bin/python benchmarks/bench_trunk_cache.py --sections last --threads 1
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from foodlib.data.cache import build_cache  # noqa: E402
 from foodlib.data.loader import ImageSource  # noqa: E402
 from foodlib.losses import create_loss  # noqa: E402
 from foodlib.models import create_model  # noqa: E402
-from foodlib.trainable import apply_trainable  # noqa: E402
+from foodlib.trainable import TrunkCut, apply_trainable, trunk_stages  # noqa: E402
 from foodlib.runtime import autocast_dtype  # noqa: E402
 import foodlib.trunk_cache as tc  # noqa: E402
 
@@ -132,9 +137,53 @@ def bench_head(args) -> None:
     print(f"\nload average at end: {_loadavg()}")
 
 
+def bench_last(args) -> None:
+    torch.manual_seed(0)
+    model = apply_trainable(create_model("efficientnet_lite0", pretrained=True, embedding_dim=256), "last:1")
+    cut = TrunkCut(model.backbone, len(trunk_stages(model.backbone)) - 1)
+    loss = create_loss("softmax", embedding_dim=256, num_classes=10)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(loss.parameters()), lr=1e-3)
+    images = torch.randn(64, 3, args.image_size, args.image_size)  # normalised batch in memory: the trunk's cost only
+    labels = torch.randint(0, 10, (64,))
+    with torch.no_grad():
+        maps = cut.first(images.contiguous()).half()  # what the cache stores for this batch
+    model.cut = cut
+
+    def step(x: torch.Tensor) -> None:
+        out = loss(model(x), labels)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    def window(x: torch.Tensor) -> float:
+        step(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(x)
+        return (time.perf_counter() - start) / args.steps
+
+    model.train()
+    print(f"load average at start: {_loadavg()}", file=sys.stderr)
+    seconds = {"live": [], "cached": []}
+    for r in range(args.rounds):
+        for name, x in (("live", images), ("cached", maps))[:: 1 if r % 2 == 0 else -1]:
+            seconds[name].append(window(x))
+            print(f"round {r + 1}: {name} {seconds[name][-1] * 1000:.0f} ms/step", file=sys.stderr)
+    ratio = statistics.median(a / b for a, b in zip(seconds["live"], seconds["cached"]))
+    print(f"\n### trainable=last:1 step: cached maps vs the live trunk (EfficientNet-Lite0, {args.image_size} px, batch 64, "
+          f"maps {tuple(maps.shape[1:])} float16, softmax + AdamW, {torch.get_num_threads()} threads, float32)\n")
+    print("| input | ms per step (median of rounds) | steps of 64 |\n|---|---|---|")
+    for name, label in (("live", "images: the whole trunk forward, the last stage backward"),
+                        ("cached", "cached maps: the last stage, pooling, neck and head only")):
+        print(f"| {label} | {statistics.median(seconds[name]) * 1000:.0f} | {args.steps} x {args.rounds} rounds |")
+    print(f"| speed-up (median of per-round ratios) | {ratio:.1f}x | |")
+    print(f"\nload average at end: {_loadavg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sections", nargs="+", default=["build", "head"], choices=["build", "head"])
+    parser.add_argument("--sections", nargs="+", default=["build", "head"], choices=["build", "head", "last"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per window (last)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--images", type=int, default=128, help="photos in the build benchmark")
@@ -150,6 +199,8 @@ def main() -> None:
         bench_build(args)
     if "head" in args.sections:
         bench_head(args)
+    if "last" in args.sections:
+        bench_last(args)
 
 
 if __name__ == "__main__":
