@@ -201,7 +201,11 @@ def maybe_sync_batchnorm(model: nn.Module, sync_bn: bool, device: torch.device, 
             f"sync_bn=True with {world_size} processes on {device.type}: torch's SyncBatchNorm runs on GPUs "
             "only; set sync_bn=False on CPUs (each process then normalises with its own share of the batch)"
         )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    try:  # timm's converter keeps its BatchNorm + activation layers (EfficientNet-Lite) whole; torch's drops the activation
+        from timm.layers import convert_sync_batchnorm
+    except ImportError:
+        convert_sync_batchnorm = nn.SyncBatchNorm.convert_sync_batchnorm
+    return convert_sync_batchnorm(model)
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:

@@ -52,9 +52,9 @@ class EmbeddingNet(nn.Module):
     pixels must be normalised for this backbone (the transforms read it from the model).
 
     Batches from the frozen-trunk cache (:mod:`foodlib.trunk_cache`) are float16: a 2-D ``(N, F)``
-    batch is pooled backbone features and goes through the neck only; a 4-D one is the output maps
-    of the frozen stages (``trainable="last:N"``) and enters the backbone at ``cut``
-    (a :class:`~foodlib.trainable.TrunkCut`, set by the cache). Images are never float16.
+    batch is pooled backbone features and goes through the neck only; a 4-D one with other than 3
+    channels is the output maps of the frozen stages (``trainable="last:N"``) and enters the
+    backbone at ``cut`` (a :class:`~foodlib.trainable.TrunkCut`, set by the cache; None otherwise).
 
     ``frozen`` modules (see :func:`foodlib.trainable.apply_trainable`) stay in eval mode whatever
     ``train()`` is asked, so their BatchNorm statistics never move.
@@ -75,11 +75,8 @@ class EmbeddingNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim == 2:  # (N, F) cached pooled trunk features
             return self.neck(images.float())  # the cache stores float16
-        if images.dtype == torch.float16:  # (N, C, H, W) cached maps of the frozen stages
-            if self.cut is None:
-                raise ValueError(f"a float16 batch of shape {tuple(images.shape)} is cached trunk maps, but this "
-                                 "model has no cut to take them (foodlib.trunk_cache.with_trunk_features sets it)")
-            return self.neck(self.cut.rest(images.float()))
+        if self.cut is not None and images.dtype == torch.float16 and images.shape[1] != 3:
+            return self.neck(self.cut.rest(images.float()))  # (N, C, H, W) cached maps of the frozen stages
         return self.neck(self.backbone(images))  # (N, D)
 
     def train(self, mode: bool = True) -> "EmbeddingNet":

@@ -34,7 +34,6 @@ from tqdm import tqdm  # text bars: saved in executed notebooks, unlike widgets
 from foodlib.config import Config, ConfigError
 from foodlib.data import Data, load_data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
-from foodlib.data.balanced import BalancedBatchLoader
 from foodlib.analysis import analyse_run
 from foodlib.distributed import (DistInfo, all_reduce_sum, average_batchnorm_statistics, barrier, broadcast_state,
                                  check_in_sync, cleanup_distributed, dump_rank_state, in_turns, maybe_sync_batchnorm,
@@ -47,7 +46,7 @@ from foodlib.openset import evaluate_openset
 from foodlib.runtime import autocast_dtype, describe_device_and_precision, loader_workers, resolve_device
 from foodlib.runfolder import check_resume_config, check_run_folder, check_writable
 from foodlib.tensorboard_log import RunBoard
-from foodlib.trainable import apply_trainable
+from foodlib.trainable import apply_trainable, cut_for_cache
 from foodlib.trunk_cache import with_trunk_features
 import foodlib
 
@@ -429,7 +428,11 @@ def _fit(cfg: Config, data: Data | None, device: torch.device, info: DistInfo, r
     log(describe_device_and_precision(cfg.train.amp, device, amp_dtype))
     if cfg.model.trainable != "all" and cfg.data.trunk_cache:
         # the frozen part runs once per image and view (cached across runs); batches become its outputs
-        data = with_trunk_features(data, model, cfg, device, amp_dtype, progress=progress)
+        _, no_cache = cut_for_cache(model)
+        if no_cache:
+            log(f"trunk cache: not used ({no_cache}); training on live images")
+        else:
+            data = with_trunk_features(data, model, cfg, device, amp_dtype, progress=progress)
     loader_kw = _loader_options(cfg, device, info)
     train_loader, val_loader = _training_loaders(cfg, data, loss, loader_kw)
     steps_per_epoch = len(train_loader)
@@ -559,6 +562,7 @@ def _on_device(cfg: Config, model: EmbeddingNet, loss: DiscriminativeLoss, devic
                ) -> tuple[EmbeddingNet, DiscriminativeLoss]:
     """Model (SyncBatchNorm where asked, channels-last where asked) and loss moved to ``device``."""
     model = maybe_sync_batchnorm(model, cfg.train.sync_bn, device, info.world_size)
+    apply_trainable(model, model.trainable)  # again: the frozen stages must list the SyncBatchNorms that replaced theirs
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format), loss.to(device)
 
@@ -583,8 +587,8 @@ def _training_loaders(cfg: Config, data: Data, loss: DiscriminativeLoss, loader_
     samples_per_class = class_balance(cfg, loss)
     if samples_per_class:  # pair / triplet losses: m images per class in every batch (and on every rank)
         try:
-            train_loader = BalancedBatchLoader(data.sources["train"], data.labels("train"), cfg.train.batch_size,
-                                               samples_per_class, seed=cfg.train.seed, **loader_kw)
+            train_loader = data.balanced_loader("train", cfg.train.batch_size, samples_per_class, seed=cfg.train.seed,
+                                                **loader_kw)
         except ValueError as error:
             raise ConfigError(f"loss={cfg.loss.loss!r}: {error}") from None
     val_split = "val" if "val" in data.index.splits and len(data.index.splits["val"]) else None

@@ -47,7 +47,8 @@ def trunk_stages(backbone: nn.Module) -> list[nn.Module]:
 
     * timm EfficientNet (``efficientnet_liteN``): stem (conv + BN + act), each of the 7 block stages,
       head conv + BN + act; the global pool follows (:func:`trunk_pooling`).
-    * torchvision ResNet: stem (conv1 + bn1 + relu + maxpool), layer1 .. layer4; then the average pool.
+    * ResNet (torchvision, or timm's ``timm/resnet*``): stem (conv1 + bn1 + activation + maxpool),
+      layer1 .. layer4; then the average pool.
     * ``nn.Sequential`` (smallcnn): one stage per convolution with what follows it up to the next
       (the last stage ends with the pooling).
     * anything else: its top-level children that hold parameters (enough to freeze them; such a
@@ -57,7 +58,8 @@ def trunk_stages(backbone: nn.Module) -> list[nn.Module]:
         return [nn.Sequential(backbone.conv_stem, backbone.bn1), *backbone.blocks,
                 nn.Sequential(backbone.conv_head, backbone.bn2)]
     if hasattr(backbone, "layer4") and hasattr(backbone, "conv1"):
-        return [nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool), backbone.layer1,
+        activation = getattr(backbone, "relu", None) or getattr(backbone, "act1", None) or nn.Identity()
+        return [nn.Sequential(backbone.conv1, backbone.bn1, activation, backbone.maxpool), backbone.layer1,
                 backbone.layer2, backbone.layer3, backbone.layer4]
     if isinstance(backbone, nn.Sequential):
         stages: list[list[nn.Module]] = []
@@ -72,9 +74,11 @@ def trunk_stages(backbone: nn.Module) -> list[nn.Module]:
 def trunk_pooling(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What turns the last stage's maps into the backbone's pooled ``(N, F)`` output, or None when
     :func:`trunk_stages` does not cover the whole backbone (it cannot be cut)."""
-    if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks") and hasattr(backbone, "forward_head"):
-        return backbone.forward_head  # global pool, dropout (training only), classifier (Identity here)
-    if hasattr(backbone, "layer4") and hasattr(backbone, "avgpool") and hasattr(backbone, "fc"):
+    efficientnet = hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks")
+    resnet = hasattr(backbone, "layer4") and hasattr(backbone, "conv1") and hasattr(backbone, "maxpool")
+    if (efficientnet or resnet) and hasattr(backbone, "forward_head"):  # timm: global pool, dropout, classifier
+        return backbone.forward_head
+    if resnet and hasattr(backbone, "avgpool") and hasattr(backbone, "fc"):  # torchvision
         return lambda x: backbone.fc(torch.flatten(backbone.avgpool(x), 1))
     if isinstance(backbone, nn.Sequential):
         covered = sum(len(stage) for stage in trunk_stages(backbone))
@@ -111,6 +115,26 @@ class TrunkCut:
         for stage in self._rest:
             maps = stage(maps)
         return self._pooling(maps)
+
+
+def cut_for_cache(model: nn.Module) -> tuple[int | None, str | None]:
+    """Where the trunk cache can cut ``model`` (after :func:`apply_trainable`), or why it cannot.
+
+    Returns:
+        ``(None, None)`` for ``head`` (the cache stores the pooled output), ``(k, None)`` for
+        ``last:N`` with k = the number of frozen stages, ``(None, reason)`` when nothing can be
+        cached: everything trains (``all``, or ``last:N`` with N = every stage), or the backbone
+        is not one :class:`TrunkCut` knows.
+    """
+    n = parse_trainable(getattr(model, "trainable", "all"))
+    if n == 0:
+        return None, None
+    stages = trunk_stages(model.backbone)
+    if n is None or n >= len(stages):
+        return None, "every stage of the trunk trains"
+    if trunk_pooling(model.backbone) is None:
+        return None, f"{type(model.backbone).__name__} cannot be cut into stages"
+    return len(stages) - n, None
 
 
 def apply_trainable(model: nn.Module, trainable: str = "all") -> nn.Module:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +48,11 @@ from tqdm.auto import tqdm
 
 from foodlib.data import Data
 from foodlib.data.augment import augment_options, eval_transform, normalization, train_transform
+from foodlib.data.balanced import BalancedBatchLoader
 from foodlib.data.cache import build_lock, cache_key
 from foodlib.data.loader import BatchLoader, ImageSource
 from foodlib.files import atomic_write_json, cache_folder
-from foodlib.trainable import TrunkCut, parse_trainable, trunk_stages
+from foodlib.trainable import TrunkCut, cut_for_cache
 
 TRUNK_CACHE_VERSION = 1  # bump when the view drawing or the stored layout changes
 VIEW_SEED = 20_240_601  # augmented views are drawn from this seed, not the run's: every seed shares them
@@ -149,7 +151,9 @@ def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict,
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     features = trunk(x)  # (B, F) pooled, or (B, C, H, W) maps of the frozen stages
                 if out is None:
-                    out = np.memmap(file, dtype=np.float16, mode="w+", shape=(views, len(source), *features.shape[1:]))
+                    shape = (views, len(source), *features.shape[1:])
+                    _check_space(file, shape)
+                    out = np.memmap(file, dtype=np.float16, mode="w+", shape=shape)
                 out[view, rows[0]: rows[-1] + 1] = features.float().cpu().numpy().astype(np.float16)
                 bar.update(len(rows))
     bar.close()
@@ -159,6 +163,17 @@ def _compute(trunk: nn.Module, source: ImageSource, image_size: int, norm: dict,
     out.flush()
     del out
     return shape
+
+
+def _check_space(file: Path, shape: tuple) -> None:
+    """Refuse, in one line, an entry that would not fit on the cache's disk (maps can be large:
+    ResNet-50's ``last:1`` at 224 px stores 400 KB per view)."""
+    need = int(np.prod(shape)) * 2
+    free = shutil.disk_usage(file.parent).free
+    if need > free * 0.95:
+        raise OSError(f"the trunk cache entry {file.name} needs {need / 2**30:.1f} GiB ({' x '.join(map(str, shape))} "
+                      f"float16) but {file.parent} has {free / 2**30:.1f} GiB free; set cache_dir to a larger disk, "
+                      "lower trunk_views, or set trunk_cache: false")
 
 
 def _file_sha256(path: Path) -> str:
@@ -254,18 +269,40 @@ class FeatureSource:
         return self.get_batch(indices), np.arange(len(indices))
 
 
+def _view_source(source: FeatureSource, seed: int, augmented: bool) -> FeatureSource:
+    """A loader's own view of ``source``: its per-image view offsets drawn from ``seed``."""
+    view_source = FeatureSource(source.clean, source.views)
+    view_source.augmented = augmented
+    view_source.offsets = np.random.default_rng([seed, 1]).integers(
+        0, source.views.shape[0] if source.views is not None else 1, len(source))
+    return view_source
+
+
+def _in_memory(kw: dict) -> dict:
+    kw["workers"] = 0  # a memcpy per batch: worker processes would only cost
+    kw.pop("pin_memory", None)
+    return kw
+
+
 class FeatureLoader(BatchLoader):
     """A :class:`BatchLoader` over cached features: same order (seed, epoch, ranks), features for images."""
 
     def __init__(self, source: FeatureSource, labels, batch_size: int, shuffle: bool, seed: int = 0,
                  augmented: bool | None = None, **kw):
-        kw["workers"] = 0  # a memcpy per batch: worker processes would only cost
-        kw.pop("pin_memory", None)
-        view_source = FeatureSource(source.clean, source.views)
-        view_source.augmented = shuffle if augmented is None else augmented
-        view_source.offsets = np.random.default_rng([seed, 1]).integers(
-            0, source.views.shape[0] if source.views is not None else 1, len(source))
-        super().__init__(view_source, labels, batch_size, shuffle, seed, **kw)
+        super().__init__(_view_source(source, seed, shuffle if augmented is None else augmented), labels, batch_size,
+                         shuffle, seed, **_in_memory(kw))
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.source.epoch = epoch
+
+
+class BalancedFeatureLoader(BalancedBatchLoader):
+    """Class-balanced training batches (pair / triplet losses) of cached features, each epoch's
+    augmented view as in :class:`FeatureLoader`."""
+
+    def __init__(self, source: FeatureSource, labels, batch_size: int, samples_per_class: int, seed: int = 0, **kw):
+        super().__init__(_view_source(source, seed, True), labels, batch_size, samples_per_class, seed, **_in_memory(kw))
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -287,6 +324,10 @@ class FeatureData(Data):
         kw.setdefault("drop_last", shuffle)
         return FeatureLoader(self.sources[split], self.labels(split), batch_size, shuffle, seed, **kw)
 
+    def balanced_loader(self, split: str, batch_size: int, samples_per_class: int, seed: int = 0,
+                        **kw) -> BalancedFeatureLoader:
+        return BalancedFeatureLoader(self.sources[split], self.labels(split), batch_size, samples_per_class, seed, **kw)
+
 
 def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
                         amp_dtype: torch.dtype | None = None, progress: bool = True) -> FeatureData:
@@ -300,19 +341,18 @@ def with_trunk_features(data: Data, model: nn.Module, cfg, device: torch.device,
         model: an EmbeddingNet after :func:`~foodlib.trainable.apply_trainable` with ``head`` or ``last:N``.
         cfg: the run's Config (image_size, augment, trunk_views, cache_dir).
     """
-    trains = parse_trainable(getattr(model, "trainable", "all"))
-    if trains is None:
-        raise ValueError("the trunk cache needs a frozen trunk or frozen stages (trainable='head' or 'last:N'); "
-                         "with trainable='all' everything trains")
-    if trains == 0:
-        trunk, cut, weights = model.backbone, None, weights_digest(model.backbone)
+    at, reason = cut_for_cache(model)
+    if reason:
+        raise ValueError(f"trainable={getattr(model, 'trainable', 'all')!r}: nothing to cache ({reason}); "
+                         "set trunk_cache: false")
+    if at is None:  # head
+        trunk, weights = model.backbone, weights_digest(model.backbone)
     else:
-        stages = trunk_stages(model.backbone)
-        model.cut = TrunkCut(model.backbone, len(stages) - trains)
-        trunk, cut, weights = model.cut.first, model.cut.at, weights_digest(model.cut.first)
+        model.cut = TrunkCut(model.backbone, at)
+        trunk, weights = model.cut.first, weights_digest(model.cut.first)
     norm = normalization(model)
     common = dict(trunk=trunk, image_size=cfg.data.image_size, norm=norm, device=device, amp_dtype=amp_dtype,
-                  cache_dir=cfg.data.cache_dir, progress=progress, weights=weights, cut=cut)
+                  cache_dir=cfg.data.cache_dir, progress=progress, weights=weights, cut=at)
     sources = {}
     for split, source in data.sources.items():
         if len(source) == 0:

@@ -103,6 +103,21 @@ def test_sync_batchnorm_is_refused_on_cpu_and_converts_on_gpu_devices():
     assert Config.from_flat(sync_bn=True).train.sync_bn is True
 
 
+def test_sync_batchnorm_keeps_timms_batchnorm_activation_layers():
+    """EfficientNet-Lite's BatchNorm layers carry their activation (timm's BatchNormAct2d): torch's
+    converter made them plain SyncBatchNorm, dropping the ReLU6; the converted net must compute
+    what the plain one does (eval mode: the running statistics, no all-gather)."""
+    from foodlib.models import create_model
+
+    torch.manual_seed(0)
+    plain = create_model("efficientnet_lite0").eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = plain(x)
+    converted = maybe_sync_batchnorm(plain, True, torch.device("cuda"), world_size=2).eval()
+    assert not any(type(m) is nn.SyncBatchNorm for m in converted.backbone.modules())
+    torch.testing.assert_close(converted(x), expected)
+
+
 def test_dump_rank_state_writes_only_when_asked(tmp_path, monkeypatch):
     model, loss = nn.Linear(2, 2), nn.Linear(2, 3)
     monkeypatch.delenv(D.RANK_STATE_DIR_ENV, raising=False)

@@ -4,7 +4,7 @@ import torch
 
 from foodlib.config import Config, ConfigError
 from foodlib.models import create_model, list_models
-from foodlib.trainable import TrunkCut, apply_trainable, parse_trainable, trunk_is_frozen, trunk_stages
+from foodlib.trainable import TrunkCut, apply_trainable, cut_for_cache, parse_trainable, trunk_is_frozen, trunk_stages
 
 
 def test_parse_trainable():
@@ -17,7 +17,7 @@ def test_parse_trainable():
     assert Config.from_flat(trainable="last:2").model.trainable == "last:2"
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet50"])
+@pytest.mark.parametrize("name", [*(n for n in list_models() if n != "resnet50"), "timm/resnet18"])
 def test_head_freezes_the_whole_trunk_and_last_n_its_last_stages(name):
     model = apply_trainable(create_model(name, embedding_dim=8), "head")
     assert trunk_is_frozen(model)
@@ -49,7 +49,7 @@ def test_frozen_stages_stay_in_eval_mode_and_do_not_move():
     assert model.backbone[0].weight.grad is None  # no gradient reaches a frozen stage
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [*list_models(), "timm/resnet18"])
 @torch.no_grad()
 def test_the_backbone_cut_at_any_stage_computes_the_same_features(name):
     """TrunkCut is what the trunk cache stores for last:N: first stages, then the rest and the
@@ -64,7 +64,24 @@ def test_the_backbone_cut_at_any_stage_computes_the_same_features(name):
         maps = cut.first(x)
         assert maps.ndim == 4, (name, at)
         torch.testing.assert_close(cut.rest(maps), whole, rtol=0, atol=0)
-    assert [id(p) for p in cut.first.parameters()] == [id(p) for s in stages[:at] for p in s.parameters()]
+        # the backbone's own tensors, no copies, each on one side of the cut (the pooling's too)
+        first = {id(t) for t in cut.first.state_dict(keep_vars=True).values()}
+        rest = {id(t) for stage in stages[at:] for t in stage.state_dict(keep_vars=True).values()}
+        assert not first & rest
+        assert first | rest <= {id(t) for t in backbone.state_dict(keep_vars=True).values()}
+        assert {id(p) for p in backbone.parameters()} <= first | rest
+
+
+def test_what_the_trunk_cache_can_cut():
+    """head caches the pooled output, last:N the maps after the frozen stages; nothing when every
+    stage trains or the backbone is not one TrunkCut knows (fit() then trains on live images)."""
+    smallcnn = create_model("smallcnn")
+    assert cut_for_cache(apply_trainable(smallcnn, "head")) == (None, None)
+    assert cut_for_cache(apply_trainable(smallcnn, "last:1")) == (3, None)
+    assert cut_for_cache(apply_trainable(smallcnn, "last:4"))[1] == "every stage of the trunk trains"
+    assert cut_for_cache(apply_trainable(smallcnn, "all"))[1] == "every stage of the trunk trains"
+    assert cut_for_cache(apply_trainable(create_model("timm/resnet18"), "last:2")) == (3, None)
+    assert "cannot be cut" in cut_for_cache(apply_trainable(create_model("timm/convnext_atto"), "last:1"))[1]
 
 
 def test_an_unknown_backbone_cannot_be_cut_and_says_what_to_do():

@@ -98,20 +98,51 @@ def test_last_n_on_cached_maps_gives_the_live_networks_logits(tmp_path):
         x = torch.cat([x for _, x in tc.view_inputs(source, SIZE, normalization(model), "standard", k, torch.device("cpu"))])
         maps = torch.from_numpy(np.array(views[k]))
         torch.testing.assert_close(loss.predict(model(maps)), loss.predict(model(x)), atol=2e-3, rtol=2e-3)
-    # gradients reach the trainable stage through the cached maps, not the frozen ones
+    # on cached maps the frozen stages do not run at all; gradients reach the trainable stage
+    ran = []
+    hook = model.cut.first.register_forward_hook(lambda *a: ran.append(1))
     with torch.enable_grad():
         model.train()
         model(torch.from_numpy(np.array(views[0]))).square().mean().backward()
-    assert model.backbone[-5].weight.grad is not None and model.backbone[0].weight.grad is None  # last conv, first conv
+    hook.remove()
+    assert not ran and model.backbone[-5].weight.grad is not None  # the last stage's conv
     # the pooled (head) entry and the maps (last:1) entry are separate
     head_model = apply_trainable(create_model("smallcnn", embedding_dim=6), "head")
     head_model.load_state_dict(model.state_dict())
     tc.with_trunk_features(data, head_model, cfg, torch.device("cpu"), progress=False)
     assert len(list((tmp_path / "cache" / "trunk").glob("*.f16"))) == 4  # (clean, views) x (head, last:1)
-    with pytest.raises(ValueError, match="trainable='all'"):
+    with pytest.raises(ValueError, match="trainable='all': nothing to cache.*trunk_cache: false"):
         tc.with_trunk_features(data, apply_trainable(head_model, "all"), cfg, torch.device("cpu"), progress=False)
-    with pytest.raises(ValueError, match="no cut"):
-        head_model(torch.from_numpy(np.array(views[0])))
+
+
+def test_class_balanced_batches_of_cached_features_use_each_epochs_view(tmp_path):
+    """Pair / triplet losses train on class-balanced batches: over cached features they must get
+    epoch e's view of each image, as the plain loader does (they once got the clean view only)."""
+    clean = np.zeros((1, 12, 4), np.float16)
+    views = np.arange(3 * 12 * 4, dtype=np.float16).reshape(3, 12, 4)  # distinct rows: a row names its view
+    labels = np.arange(12) % 3
+    data = tc.FeatureData(index=None, side=SIDE, sources={"train": tc.FeatureSource(clean, views)})
+    data.labels = lambda split: labels
+    loader = data.balanced_loader("train", batch_size=6, samples_per_class=2, seed=3)
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        indices = np.concatenate(loader.batches())
+        got = np.concatenate([x.numpy() for x, _ in loader])
+        expected = views[(epoch + loader.source.offsets[indices]) % 3, indices]
+        assert np.array_equal(got, expected)
+        assert np.bincount(labels[loader.batches()[0]], minlength=3).tolist() == [2, 2, 2]
+
+
+def test_fit_trains_live_when_every_stage_trains(tmp_path, caplog):
+    """last:N with N = every stage leaves nothing frozen to cache: fit() says so and trains on images."""
+    from conftest import tiny_config
+
+    import foodlib
+
+    result = foodlib.fit(tiny_config(tmp_path, trainable="last:4", epochs=1, features=False, device="cpu", amp="off",
+                                     cache_dir=str(tmp_path / "cache")))
+    assert type(result.data).__name__ == "Data"
+    assert "trunk cache: not used (every stage of the trunk trains)" in caplog.text
 
 
 def test_changed_content_or_weights_get_their_own_entry(tmp_path):

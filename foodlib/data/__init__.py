@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from foodlib.data.augment import cache_side
+from foodlib.data.balanced import BalancedBatchLoader
 from foodlib.data.cache import DecodedImages, build_cache
 from foodlib.data.digits import write_digits
 from foodlib.data.dishes import DishesSpec, write_dishes
@@ -66,6 +67,12 @@ class Data:
         """A :class:`BatchLoader` over one split (``drop_last`` follows ``shuffle`` unless given)."""
         kw.setdefault("drop_last", shuffle)
         return BatchLoader(self.sources[split], self.labels(split), batch_size, shuffle, seed, **kw)
+
+    def balanced_loader(self, split: str, batch_size: int, samples_per_class: int, seed: int = 0,
+                        **kw) -> BalancedBatchLoader:
+        """A :class:`~foodlib.data.balanced.BalancedBatchLoader` over one split (pair / triplet losses)."""
+        return BalancedBatchLoader(self.sources[split], self.labels(split), batch_size, samples_per_class, seed=seed,
+                                   **kw)
 
 
 def resolve_data_root(spec: str, cfg=None) -> tuple[str, Path]:
