@@ -54,10 +54,10 @@ def trunk_stages(backbone: nn.Module) -> list[nn.Module]:
     * anything else: its top-level children that hold parameters (enough to freeze them; such a
       backbone cannot be cut for the trunk cache).
     """
-    if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):
+    if _is_efficientnet(backbone):
         return [nn.Sequential(backbone.conv_stem, backbone.bn1), *backbone.blocks,
                 nn.Sequential(backbone.conv_head, backbone.bn2)]
-    if hasattr(backbone, "layer4") and hasattr(backbone, "conv1"):
+    if _is_resnet(backbone):
         activation = getattr(backbone, "relu", None) or getattr(backbone, "act1", None) or nn.Identity()
         return [nn.Sequential(backbone.conv1, backbone.bn1, activation, backbone.maxpool), backbone.layer1,
                 backbone.layer2, backbone.layer3, backbone.layer4]
@@ -67,18 +67,28 @@ def trunk_stages(backbone: nn.Module) -> list[nn.Module]:
             if isinstance(module, nn.Conv2d) or not stages:
                 stages.append([])
             stages[-1].append(module)
-        return [nn.Sequential(*s) for s in stages if any(True for _ in nn.Sequential(*s).parameters())]
-    return [m for m in backbone.children() if any(True for _ in m.parameters())]
+        return [nn.Sequential(*s) for s in stages if any(_has_parameters(m) for m in s)]
+    return [m for m in backbone.children() if _has_parameters(m)]
+
+
+def _is_efficientnet(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks")
+
+
+def _is_resnet(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "layer4") and hasattr(backbone, "conv1") and hasattr(backbone, "maxpool")
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
 
 
 def trunk_pooling(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What turns the last stage's maps into the backbone's pooled ``(N, F)`` output, or None when
     :func:`trunk_stages` does not cover the whole backbone (it cannot be cut)."""
-    efficientnet = hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks")
-    resnet = hasattr(backbone, "layer4") and hasattr(backbone, "conv1") and hasattr(backbone, "maxpool")
-    if (efficientnet or resnet) and hasattr(backbone, "forward_head"):  # timm: global pool, dropout, classifier
-        return backbone.forward_head
-    if resnet and hasattr(backbone, "avgpool") and hasattr(backbone, "fc"):  # torchvision
+    if (_is_efficientnet(backbone) or _is_resnet(backbone)) and hasattr(backbone, "forward_head"):
+        return backbone.forward_head  # timm: global pool, dropout, classifier
+    if _is_resnet(backbone) and hasattr(backbone, "avgpool") and hasattr(backbone, "fc"):  # torchvision
         return lambda x: backbone.fc(torch.flatten(backbone.avgpool(x), 1))
     if isinstance(backbone, nn.Sequential):
         covered = sum(len(stage) for stage in trunk_stages(backbone))
@@ -165,7 +175,3 @@ def apply_trainable(model: nn.Module, trainable: str = "all") -> nn.Module:
     model.frozen = frozen
     return model.train(model.training)
 
-
-def trunk_is_frozen(model: nn.Module) -> bool:
-    """True when nothing in the backbone trains (``trainable="head"``): its outputs can be cached."""
-    return not any(p.requires_grad for p in model.backbone.parameters())

@@ -284,7 +284,15 @@ def _in_memory(kw: dict) -> dict:
     return kw
 
 
-class FeatureLoader(BatchLoader):
+class _EpochViews:
+    """Mixin for loaders over a :func:`_view_source`: the epoch also picks each image's view."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.source.epoch = epoch
+
+
+class FeatureLoader(_EpochViews, BatchLoader):
     """A :class:`BatchLoader` over cached features: same order (seed, epoch, ranks), features for images."""
 
     def __init__(self, source: FeatureSource, labels, batch_size: int, shuffle: bool, seed: int = 0,
@@ -292,21 +300,13 @@ class FeatureLoader(BatchLoader):
         super().__init__(_view_source(source, seed, shuffle if augmented is None else augmented), labels, batch_size,
                          shuffle, seed, **_in_memory(kw))
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.source.epoch = epoch
 
-
-class BalancedFeatureLoader(BalancedBatchLoader):
+class BalancedFeatureLoader(_EpochViews, BalancedBatchLoader):
     """Class-balanced training batches (pair / triplet losses) of cached features, each epoch's
     augmented view as in :class:`FeatureLoader`."""
 
     def __init__(self, source: FeatureSource, labels, batch_size: int, samples_per_class: int, seed: int = 0, **kw):
         super().__init__(_view_source(source, seed, True), labels, batch_size, samples_per_class, seed, **_in_memory(kw))
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.source.epoch = epoch
 
 
 @dataclass
